@@ -1,0 +1,1 @@
+"""Entry-point logic behind train.py, sample.py, evaluate.py and cache_tokens.py (Hydra + Lightning live here)."""

@@ -1,0 +1,44 @@
+"""Atomic checkpoint writes and weights-only checkpoint reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to ``<path>.tmp`` then ``os.replace``: a write killed midway never destroys the previous file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path, map_location)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: contgen checkpoints hold tensors and plain containers only."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (set ckpt / ckpt_path to a .ckpt written by train.py)")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    """``last`` → ``<output_dir>/checkpoints/last.ckpt``; None when that does not exist yet (a fresh run)."""
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        last = Path(output_dir) / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at {ckpt_path}")
+    return ckpt_path

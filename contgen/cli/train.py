@@ -1,0 +1,63 @@
+"""``python train.py``: fit, then (optionally) sample and score once; see conf/train.yaml."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from contgen.cli.build import build_datamodule, build_module, data_info
+from contgen.cli.checkpoint_io import AtomicCheckpointIO, resolve_ckpt_path
+from contgen.cli.config import instantiate_group, print_config
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """Instantiate ``logger.*``; W&B goes offline when WANDB_MODE=offline or no credentials are configured."""
+    loggers = []
+    for name, conf in (cfg.logger or {}).items():
+        if conf is None:
+            continue
+        if name == "wandb" and not conf.get("offline") and not _wandb_credentials():
+            print("logger.wandb: no W&B credentials (WANDB_API_KEY / ~/.netrc) — logging offline; `wandb sync` later")
+            os.environ.setdefault("WANDB_MODE", "offline")
+        loggers.append(instantiate(conf))
+    return loggers
+
+
+def _wandb_credentials() -> bool:
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled") or os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+
+
+def train(cfg: DictConfig) -> dict:
+    out = Path(cfg.paths.output_dir)
+    print_config(cfg, save_to=out / "config.yaml")
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule.num_classes, data_info(datamodule.train_set))
+    loggers = build_loggers(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks), logger=loggers or False,
+                                     plugins=[AtomicCheckpointIO()])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, str(out)))
+    results = {"train/loss": float(trainer.callback_metrics["train/loss"])} if "train/loss" in trainer.callback_metrics else {}
+    if cfg.evaluate_after_fit and trainer.is_global_zero:
+        from contgen.cli.evaluate import evaluate_module
+
+        results.update(evaluate_module(module, cfg, datamodule.train_set, out_dir=out))
+        for logger in loggers:
+            logger.log_metrics({f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))},
+                               step=trainer.global_step)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    for logger in loggers:
+        logger.finalize("success")
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()  # a multirun in one process must start a new W&B run per job
+    return results

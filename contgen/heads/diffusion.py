@@ -1,0 +1,132 @@
+"""MAR's per-token diffusion head, "Diffusion Loss" (Li et al. 2024, Sec. 3.3; LTH14/mar models/diffloss.py).
+
+Each row (one token) gets an independent DDPM over its ``token_dim`` channels, conditioned on the
+backbone output ``z``. Training: IDDPM's hybrid loss (ε-MSE + learned-range VLB) on a random step.
+Sampling: ancestral DDPM over evenly respaced steps with temperature on the injected noise and
+classifier-free guidance on ε. All diffusion math is fp32; the network may run under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from contgen.heads.gaussian_diffusion import GaussianDiffusion, make_betas, respace_betas, space_timesteps
+from contgen.nn import AdaLNMLP, timestep_embedding
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the (original) timestep → 2-layer MLP (DiT/MAR ``TimestepEmbedder``)."""
+
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class DenoiserMLP(AdaLNMLP):
+    """MAR's ``SimpleMLPAdaLN``: x_t drives the residual stream, time_embed(t) + cond_embed(z) the adaLN.
+
+    Outputs 2·token_dim channels: ε̂ and the variance interpolation v. Parameter names match
+    ``diffloss.net.*`` of MAR checkpoints.
+    """
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, grad_checkpointing: bool = False):
+        super().__init__(token_dim, width, depth, 2 * token_dim, grad_checkpointing)
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """AdaLNMLP init plus N(0, 0.02) time-MLP weights (diffloss.py:205-207)."""
+        super().init_weights()
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = self.time_embed(t) + self.cond_embed(z)
+        return self.trunk(self.input_proj(x), y)
+
+
+class DiffusionHead(nn.Module):
+    """Per-token diffusion head following the contgen head contract (``loss`` / ``sample``).
+
+    Defaults are MAR-B's head (6 × 1024, 1000 cosine training steps, 100 sampling steps,
+    ``diffusion_batch_mul`` 4). The schedules live in two parameter-free submodules with
+    non-persistent buffers, so ``state_dict`` holds only ``net.*``.
+    """
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 6,
+                 num_train_steps: int = 1000, num_sampling_steps: int | str = 100, noise_schedule: str = "cosine",
+                 batch_mul: int = 4, grad_checkpointing: bool = False):
+        super().__init__()
+        if batch_mul < 1:
+            raise ValueError(f"head.batch_mul: must be >= 1, got {batch_mul}")
+        self.token_dim = token_dim
+        self.batch_mul = batch_mul
+        self.net = DenoiserMLP(token_dim, cond_dim, width, depth, grad_checkpointing)
+        betas = make_betas(noise_schedule, num_train_steps)
+        self.train_diffusion = GaussianDiffusion(betas)
+        kept = space_timesteps(num_train_steps, int(num_sampling_steps))  # MAR passes the string "100"
+        self.sample_diffusion = GaussianDiffusion(respace_betas(betas, kept), kept)
+        self.last_metrics: dict[str, torch.Tensor] = {}
+
+    def loss(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Hybrid loss of rows ``target`` (N, D) given ``z`` (N, C); masked mean with row weights ``mask`` (N,).
+
+        Rows are tiled ``batch_mul`` times, each copy with its own t and ε (mar.py:232-238); t is drawn
+        before ε as in diffloss.py:27.
+        """
+        if target.ndim != 2 or target.shape[1] != self.token_dim or z.shape[0] != target.shape[0]:
+            raise ValueError(f"head.loss: expected target (N, {self.token_dim}) and z (N, C), "
+                             f"got {tuple(target.shape)} and {tuple(z.shape)}")
+        x0 = target.float().repeat(self.batch_mul, 1)
+        z = z.repeat(self.batch_mul, 1)
+        t = torch.randint(0, self.train_diffusion.num_steps, (x0.shape[0],), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        x_t = self.train_diffusion.q_sample(x0, t, noise)
+        out = self.net(x_t, t, z).float()
+        mse, vb = self.train_diffusion.loss_terms(out, x0, x_t, t, noise)
+
+        if mask is None:
+            reduce = torch.mean
+        else:
+            weights = mask.float().repeat(self.batch_mul)
+            def reduce(x: torch.Tensor) -> torch.Tensor:
+                return (x * weights).sum() / weights.sum()
+        self.last_metrics = {"mse": reduce(mse.detach()), "vb": reduce(vb.detach())}
+        return reduce(mse + vb)
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Ancestral DDPM sampling of one token per condition row (p_sample_loop, gaussian_diffusion.py:376-517).
+
+        ``temperature`` scales only the injected noise, x ← μ + τ·σ·ε, none at the last step; the initial
+        noise is unscaled. With ``cfg``, ``z`` = [z_cond; z_uncond] (2N rows): every step runs the net on
+        [x; x], guides ε = ε_u + cfg·(ε_c − ε_u) and keeps the cond half's variance. MAR carries both halves
+        but its ``forward_with_cfg`` reads only the first half of x and ``sample_tokens`` returns only that
+        half (diffloss.py:240-248, mar.py:320-322), so tracking the N cond rows alone gives the same samples.
+        """
+        rows = z.shape[0]
+        n = rows if cfg is None else rows // 2
+        if cfg is not None and rows % 2:
+            raise ValueError(f"head.sample: with cfg, z must be [z_cond; z_uncond] with an even row count, got {rows}")
+        diffusion = self.sample_diffusion
+        x = torch.randn((n, self.token_dim), generator=generator, device=z.device, dtype=torch.float32)
+        for i in reversed(range(diffusion.num_steps)):
+            t = diffusion.timesteps[i].expand(rows)
+            out = self.net(x if cfg is None else torch.cat([x, x]), t, z).float()
+            eps, v = out.chunk(2, dim=-1)
+            if cfg is not None:
+                eps_c, eps_u = eps.chunk(2)
+                eps, v = eps_u + cfg * (eps_c - eps_u), v[:n]
+            x, log_var = diffusion.p_mean_variance(eps, v, x, i)
+            if i > 0:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+                x = x + temperature * torch.exp(0.5 * log_var) * noise
+        return x

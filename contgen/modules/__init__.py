@@ -1,0 +1,1 @@
+"""Lightning wiring: the modules that put tokenizer, backbone, head and sampler together."""

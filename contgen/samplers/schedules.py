@@ -1,0 +1,73 @@
+"""Schedules of the masked (random-order) autoregressive family, shared by MAR and EAR.
+
+All of them are computed on the host from integers known before sampling starts, so the sampling
+loop never has to read a device value back (no host syncs) and every step has a static shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from scipy.stats import truncnorm
+
+
+def random_orders(batch: int, seq_len: int, generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """One uniformly random permutation of ``range(seq_len)`` per row, drawn on ``device``."""
+    return torch.rand(batch, seq_len, generator=generator, device=device).argsort(dim=1)
+
+
+def mask_from_order(order: torch.Tensor, num_masked: int) -> torch.Tensor:
+    """Boolean mask, True at the ``num_masked`` positions that come first in each row's order."""
+    mask = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
+    return mask.scatter_(1, order[:, :num_masked], True)
+
+
+class MaskRatio:
+    """Training mask ratio r ~ N(mean, std²) truncated to [low, 1] (MAR Sec. 3.4; mar.py:65-66).
+
+    MAR draws one ratio per batch and masks ``ceil(seq_len · r)`` tokens, so every row of a batch has
+    the same number of masked tokens and all downstream gathers have static shapes.
+    The draw is on the host (CPU generator): it decides a shape, not a tensor value.
+    """
+
+    def __init__(self, low: float = 0.7, mean: float = 1.0, std: float = 0.25):
+        if not 0.0 < low <= 1.0:
+            raise ValueError(f"mask ratio lower bound must be in (0, 1], got {low}")
+        self.dist = truncnorm((low - mean) / std, (1.0 - mean) / std, loc=mean, scale=std)
+
+    def num_masked(self, seq_len: int, generator: torch.Generator | None = None) -> int:
+        u = torch.rand((), generator=generator).item()  # CPU generator: no device sync
+        return max(1, min(seq_len, math.ceil(seq_len * float(self.dist.ppf(u)))))
+
+
+def cosine_mask_schedule(seq_len: int, num_iter: int) -> list[int]:
+    """Number of tokens still masked *after* each of ``num_iter`` steps (MaskGIT cosine; mar.py:292-305).
+
+    ``mask_len = floor(L · cos(π/2 · (k+1)/num_iter))``, clamped so that every step predicts at least
+    one token and leaves at least one for later; the last step predicts everything left. The result
+    is strictly decreasing and ends at 0; ``num_iter == seq_len`` predicts exactly one token per step.
+    """
+    if not 1 <= num_iter <= seq_len:
+        raise ValueError(f"sampler.num_iter must be in [1, {seq_len}] (sequence length), got {num_iter}")
+    masked, out = seq_len, []
+    for k in range(num_iter):
+        if k == num_iter - 1:
+            nxt = 0
+        else:
+            nxt = math.floor(seq_len * math.cos(math.pi / 2 * (k + 1) / num_iter))
+            nxt = max(1, min(nxt, masked - 1))
+        out.append(nxt)
+        masked = nxt
+    return out
+
+
+def cfg_schedule(cfg: float, schedule: str, seq_len: int, mask_len_next: int) -> float:
+    """Guidance scale of one step: ``constant``, or ``linear`` ramping 1 → cfg as tokens are generated
+    (Muse-style, mar.py:312-318): ``1 + (cfg − 1) · (L − mask_len_next) / L``."""
+    if schedule == "constant":
+        return cfg
+    if schedule == "linear":
+        return 1.0 + (cfg - 1.0) * (seq_len - mask_len_next) / seq_len
+    raise ValueError(f"sampler.cfg_schedule must be 'linear' or 'constant', got {schedule!r}")

@@ -1,0 +1,84 @@
+"""Frozen tokenizer base and MAR's token layout.
+
+A tokenizer maps images in [-1, 1] (NCHW) to a sequence of continuous tokens (B, L, D) and back. Encoding is
+split into ``moments`` (deterministic posterior parameters, what a latent cache stores) and ``sample`` (the draw
+made from them at train time), so cached and uncached training see the same distribution (MAR caches
+mean||logvar and samples per step, reference/mar.md §4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), row-major over the grid, channel-major inside a token.
+
+    Same element order as MAR's ``patchify`` (models/mar.py:131-139): (c, p_row, p_col) within each token.
+    """
+    b, c, h, w = x.shape
+    if h % p or w % p:
+        raise ValueError(f"patchify: spatial size {h}x{w} is not divisible by patch size {p}")
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwcpq", x)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Exact inverse of :func:`patchify`: (B, h*w, C*p*p) -> (B, C, h*p, w*p) for ``grid = (h, w)``."""
+    b, n, d = tokens.shape
+    h, w = grid
+    if n != h * w or d % (p * p):
+        raise ValueError(f"unpatchify: tokens {tuple(tokens.shape)} do not fit grid {grid} with patch size {p}")
+    c = d // (p * p)
+    x = tokens.reshape(b, h, w, c, p, p)
+    x = torch.einsum("nhwcpq->nchpwq", x)
+    return x.reshape(b, c, h * p, w * p)
+
+
+class Tokenizer(nn.Module):
+    """Frozen image <-> token map (contract in contracts.md, "Tokenizer").
+
+    Subclasses set ``image_size``, ``channels``, ``token_dim`` (D), ``grid`` (h, w), ``moment_dim`` (M),
+    implement ``moments``/``sample``/``decode`` and call :meth:`freeze` at the end of ``__init__``.
+    The module always stays in eval mode: a Lightning ``model.train()`` must not flip it to training.
+    """
+
+    image_size: int
+    channels: int
+    token_dim: int
+    grid: tuple[int, int]
+    moment_dim: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Tokenizer":
+        return super().train(False)
+
+    def check_images(self, img: torch.Tensor) -> None:
+        """Shape check on python ints only (no host sync)."""
+        want = (self.channels, self.image_size, self.image_size)
+        if img.ndim != 4 or tuple(img.shape[1:]) != want:
+            raise ValueError(
+                f"tokenizer: expected images (B, {want[0]}, {want[1]}, {want[2]}) (tokenizer.image_size="
+                f"{self.image_size}), got {tuple(img.shape)}"
+            )
+
+    def moments(self, img: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.sample(self.moments(img), generator=generator)

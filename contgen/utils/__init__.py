@@ -1,0 +1,1 @@
+"""Helpers: EMA, image utilities, checkpoint import."""

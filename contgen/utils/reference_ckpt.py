@@ -1,0 +1,71 @@
+"""Import the released checkpoints of the reference MAR (LTH14/mar) and EAR (shaochenze/EAR) code.
+
+Their ``.pth`` files are dicts with ``model`` and ``model_ema`` state dicts (plus, in training
+checkpoints, ``optimizer``, ``epoch``, ``scaler`` and a pickled ``argparse.Namespace`` under ``args``;
+MAR util/misc.py:306-329). Backbone keys use the reference names, which contgen's backbones keep; the
+head's keys carry the prefix ``diffloss.`` (MAR) or ``scoreloss.`` (EAR). Files are read with
+``torch.load(weights_only=True)``; unpickling arbitrary objects can run code, so it needs an explicit
+opt-in for trusted files.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import torch
+from torch import nn
+
+HEAD_PREFIXES = ("diffloss.", "scoreloss.")
+
+
+def _read(path: str, allow_pickle: bool) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"ckpt.path: file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"ckpt.path: {path} holds pickled Python objects besides tensors (e.g. the reference's argparse "
+            "Namespace under 'args'), which torch.load(weights_only=True) refuses. Unpickling can run arbitrary "
+            "code: only for a file you trust, pass allow_pickle=True (config key ckpt.allow_pickle=true)."
+        ) from e
+
+
+def _check(name: str, path: str, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Strict key and shape check, listing every problem at once."""
+    own = module.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"ckpt.path: {path} does not match the {name}:"]
+        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                lines.append(f"  {what} ({len(items)}): " + ", ".join(items))
+        raise ValueError("\n".join(lines))
+
+
+def load_reference_mar(path: str, backbone: nn.Module, head: nn.Module, use_ema: bool = True,
+                       allow_pickle: bool = False) -> None:
+    """Load a reference MAR/EAR checkpoint into ``backbone`` and ``head`` in place.
+
+    ``use_ema`` picks ``model_ema`` (the weights the reference evaluates) over ``model``. Head keys
+    are those under ``diffloss.`` or ``scoreloss.``, with the prefix removed; everything else belongs
+    to the backbone. Both must match exactly (names and shapes), or a ValueError lists the differences.
+    """
+    ckpt = _read(path, allow_pickle)
+    key = "model_ema" if use_ema else "model"
+    if not isinstance(ckpt, dict) or key not in ckpt:
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        hint = " (the file has no EMA weights: set ckpt.use_ema=false to load 'model')" if use_ema else ""
+        raise ValueError(f"ckpt.path: {path} has no '{key}' entry{hint}; found {found}")
+    state = ckpt[key]
+    prefix = next((p for p in HEAD_PREFIXES if any(k.startswith(p) for k in state)), HEAD_PREFIXES[0])
+    head_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    backbone_state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    _check("backbone", path, backbone, backbone_state)
+    _check(f"head (keys '{prefix}*')", path, head, head_state)
+    backbone.load_state_dict(backbone_state)
+    head.load_state_dict(head_state)

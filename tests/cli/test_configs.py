@@ -1,0 +1,148 @@
+"""Every option of every config group composes, and its object instantiates (tiny sizes where needed)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+import contgen.cli.config  # noqa: F401
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    yield
+    GlobalHydra.instance().clear()
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train.yaml", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_train_help_lists_groups():
+    from tests.conftest import run_script
+
+    out = run_script("train.py", "--help").stdout
+    for group in ("method", "model", "tokenizer", "loss", "sampler", "data", "trainer", "strategy", "logger",
+                  "callbacks", "cluster", "experiment", "debug"):
+        assert f"{group}:" in out, group
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_options_instantiate(name):
+    cfg = compose_train(f"model={name}")
+    with torch.device("meta"):  # the paper sizes are big: build on the meta device
+        backbone = instantiate(cfg.model)(seq_len=256, token_dim=16, num_classes=1000)
+    assert backbone.cond_dim > 0
+
+
+@pytest.mark.parametrize("name", options("loss"))
+def test_loss_options_instantiate(name):
+    head = instantiate(compose_train(f"loss={name}").loss)(token_dim=16, cond_dim=64)
+    assert hasattr(head, "loss") and hasattr(head, "sample")
+
+
+@pytest.mark.parametrize("name", options("tokenizer"))
+def test_tokenizer_options_instantiate(name, tmp_path):
+    cfg = compose_train(f"tokenizer={name}")
+    if name == "kl16":  # needs weights: a missing file must be a clear error naming the key
+        with open_dict(cfg):
+            cfg.tokenizer.ckpt_path = str(tmp_path / "kl16.ckpt")
+            cfg.data.image_size = 256
+        with pytest.raises(FileNotFoundError, match="tokenizer.ckpt_path"):
+            instantiate(cfg.tokenizer)
+        with open_dict(cfg):
+            cfg.tokenizer.ckpt_path = None
+            cfg.tokenizer.random_init = True
+    tok = instantiate(cfg.tokenizer)
+    assert tok.seq_len == tok.grid[0] * tok.grid[1]
+
+
+@pytest.mark.parametrize("name", options("sampler"))
+def test_sampler_options_instantiate(name):
+    assert instantiate(compose_train(f"sampler={name}").sampler).num_iter >= 1
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_options_instantiate(name, tmp_path):
+    cfg = compose_train(f"data={name}")
+    if "root" in cfg.data:
+        with open_dict(cfg):
+            cfg.data.root = str(tmp_path / "missing")
+        with pytest.raises(FileNotFoundError, match="data.root"):
+            instantiate(cfg.data)
+        return
+    dm = instantiate(cfg.data)
+    assert dm.num_classes >= 10 and len(dm.train_set) >= dm.batch_size
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_options_instantiate(name, tmp_path):
+    cfg = compose_train(f"trainer={name}", f"hydra.run.dir={tmp_path}")
+    with open_dict(cfg):
+        cfg.trainer.default_root_dir = str(tmp_path)
+        if name == "gpu" and not torch.cuda.is_available():
+            cfg.trainer.accelerator = "cpu"
+            cfg.trainer.precision = "bf16-mixed"
+    assert instantiate(cfg.trainer).max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("name", options("strategy"))
+def test_strategy_options_instantiate(name):
+    cfg = compose_train(f"strategy={name}")
+    assert type(instantiate(cfg.trainer.strategy)).__name__ == "DDPStrategy"
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_logger_options_instantiate(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_train(f"logger={name}")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    assert len(loggers) == len(cfg.logger)
+
+
+@pytest.mark.parametrize("name", options("callbacks"))
+def test_callback_options_instantiate(name, tmp_path):
+    cfg = compose_train(f"callbacks={name}")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    assert all(instantiate(c) is not None for c in cfg.callbacks.values())
+
+
+@pytest.mark.parametrize("group", ["method", "cluster", "debug", "experiment"])
+def test_global_presets_compose(group):
+    for name in options(group):
+        cfg = compose_train(f"{group}={name}")
+        OmegaConf.to_container(cfg, resolve=False)
+        if group == "experiment" and name != "mar_in256":
+            assert cfg.optim.blr == 1e-4 and cfg.optim.ema_decay == 0.9999 and cfg.loss.batch_mul == 4
+            assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.gradient_clip_val == 3.0
+            global_batch = cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes * cfg.trainer.accumulate_grad_batches
+            assert global_batch == 2048
+
+
+def test_method_choice_and_cli_override_compose():
+    cfg = compose_train("method=ear")
+    assert cfg.loss._target_.endswith("EnergyHead") and cfg.model._target_.endswith("EARBackbone")
+    cfg = compose_train("method=ear", "model=mar_tiny")  # the command line wins over the preset
+    assert cfg.loss._target_.endswith("EnergyHead") and cfg.model._target_.endswith("MARBackbone")
+
+
+def test_paper_recipe_values():
+    cfg = compose_train("experiment=mar_large_in256")
+    assert (cfg.model.encoder_depth, cfg.model.encoder_embed_dim, cfg.loss.depth, cfg.loss.width) == (16, 1024, 8, 1280)
+    assert cfg.sampler.cfg == 3.0 and cfg.sampler.cfg_schedule == "linear" and cfg.loss.num_sampling_steps == 100
+    assert cfg.optim.warmup_epochs == 100 and cfg.optim.schedule == "constant" and list(cfg.optim.betas) == [0.9, 0.95]
+    assert cfg.model.attn_dropout == 0.1 and cfg.model.label_drop_prob == 0.1 and cfg.module.mask_ratio_min == 0.7

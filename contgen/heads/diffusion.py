@@ -15,6 +15,11 @@ from contgen.heads.gaussian_diffusion import GaussianDiffusion, make_betas, resp
 from contgen.nn import AdaLNMLP, timestep_embedding
 
 
+def _mean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Plain or weighted mean over rows (MAR's masked mean, diffloss.py:31-32)."""
+    return x.mean() if weights is None else (x * weights).sum() / weights.sum()
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of the (original) timestep → 2-layer MLP (DiT/MAR ``TimestepEmbedder``)."""
 
@@ -41,7 +46,7 @@ class DenoiserMLP(AdaLNMLP):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """AdaLNMLP init plus N(0, 0.02) time-MLP weights (diffloss.py:205-207)."""
+        """AdaLNMLP init plus N(0, 0.02) time-MLP weights (diffloss.py:194-215)."""
         super().init_weights()
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
@@ -92,14 +97,9 @@ class DiffusionHead(nn.Module):
         out = self.net(x_t, t, z).float()
         mse, vb = self.train_diffusion.loss_terms(out, x0, x_t, t, noise)
 
-        if mask is None:
-            reduce = torch.mean
-        else:
-            weights = mask.float().repeat(self.batch_mul)
-            def reduce(x: torch.Tensor) -> torch.Tensor:
-                return (x * weights).sum() / weights.sum()
-        self.last_metrics = {"mse": reduce(mse.detach()), "vb": reduce(vb.detach())}
-        return reduce(mse + vb)
+        weights = None if mask is None else mask.float().repeat(self.batch_mul)
+        self.last_metrics = {"mse": _mean(mse.detach(), weights), "vb": _mean(vb.detach(), weights)}
+        return _mean(mse + vb, weights)
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float | None = None,

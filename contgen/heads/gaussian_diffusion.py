@@ -50,7 +50,7 @@ def space_timesteps(num_steps: int, count: int) -> list[int]:
 
 
 def respace_betas(betas: torch.Tensor, kept: Sequence[int]) -> torch.Tensor:
-    """Betas of the process that visits only ``kept``: 1 − ᾱ_k/ᾱ_prev, so ᾱ is unchanged there (respace.py:82-92)."""
+    """Betas of the process that visits only ``kept``: 1 − ᾱ_k/ᾱ_prev keeps ᾱ there (respace.py SpacedDiffusion)."""
     alpha_bar = torch.cumprod(1 - betas, dim=0)[list(kept)]
     prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
     return 1 - alpha_bar / prev
@@ -99,7 +99,7 @@ class GaussianDiffusion(nn.Module):
         alpha_bar = torch.cumprod(1 - betas, dim=0)
         alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
         posterior_var = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)
-        # log β̃ is -inf at step 0; IDDPM replaces it by the value at step 1 (gaussian_diffusion.py:174-176).
+        # log β̃ is -inf at step 0; IDDPM replaces it by the value at step 1 (GaussianDiffusion.__init__).
         clipped = torch.cat([posterior_var[1:2], posterior_var[1:]]) if self.num_steps > 1 else posterior_var
         arrays = {
             "sqrt_alpha_bar": alpha_bar.sqrt(),

@@ -48,7 +48,7 @@ class BuiltinClassifier(nn.Module):
         chans = [3, width, 2 * width, 4 * width]
         self.convs = nn.Sequential(
             *(
-                nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU())
+                nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
                 for cin, cout in zip(chans[:-1], chans[1:])
             )
         )
@@ -71,13 +71,16 @@ class BuiltinClassifier(nn.Module):
 
 def _stack(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([it["image"] for it in items]).float(), torch.stack([torch.as_tensor(it["label"]) for it in items]).long()
+    images = torch.stack([it["image"] for it in items]).float()
+    return images, torch.stack([torch.as_tensor(it["label"]) for it in items]).long()
 
 
 def _check_dataset(dataset: Dataset, description: dict, what: str) -> None:
     for attr in ("num_classes", "image_size"):
         if getattr(dataset, attr, description[attr]) != description[attr]:
-            raise ValueError(f"{what}: dataset.{attr}={getattr(dataset, attr)} but description says {description[attr]}")
+            raise ValueError(
+                f"{what}: dataset.{attr}={getattr(dataset, attr)} but the description says {description[attr]}"
+            )
 
 
 def _hash(obj) -> str:
@@ -112,7 +115,7 @@ def _predict(classifier: BuiltinClassifier, images: torch.Tensor, batch_size: in
 
 def train_classifier(
     classifier: BuiltinClassifier, images: torch.Tensor, labels: torch.Tensor, epochs: int = 4,
-    batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+    batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
 ) -> BuiltinClassifier:
     """Adam with a cosine learning-rate decay over `epochs` passes of seeded shuffles (CPU, a few seconds)."""
     gen = torch.Generator().manual_seed(seed)
@@ -132,7 +135,7 @@ def train_classifier(
 
 def load_or_train_classifier(
     train_set: Dataset, heldout_set: Dataset, description: dict, cache_dir, *, feature_dim: int = 64,
-    width: int = 32, epochs: int = 4, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+    width: int = 32, epochs: int = 4, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
     min_accuracy: float = 0.95,
 ) -> BuiltinClassifier:
     """Load the cached classifier for `description`, or train it on `train_set` once and cache it.
@@ -167,8 +170,9 @@ def load_or_train_classifier(
         accuracy = (_predict(classifier, val_images)[1] == val_labels).double().mean().item()
         log.info("builtin classifier %s: held-out accuracy %.4f, trained in %.1f s", path.name, accuracy,
                  time.perf_counter() - t0)
-        _atomic_torch_save({"version": VERSION, "description": dict(description), "config": classifier.config(),
-                            "recipe": recipe, "heldout_accuracy": accuracy, "state_dict": classifier.state_dict()}, path)
+        ckpt = {"version": VERSION, "description": dict(description), "config": classifier.config(), "recipe": recipe,
+                "heldout_accuracy": accuracy, "state_dict": classifier.state_dict()}
+        _atomic_torch_save(ckpt, path)
     if accuracy < min_accuracy:
         warnings.warn(f"builtin classifier {path.name}: held-out accuracy {accuracy:.3f} < {min_accuracy}; "
                       "FD_builtin and class_acc are unreliable")

@@ -93,7 +93,9 @@ def load_stats(path, config_key: str = REF_STATS_KEY) -> tuple[np.ndarray, np.nd
     with np.load(path, allow_pickle=False) as f:
         missing = [k for k in ("mu", "sigma") if k not in f.files]
         if missing:
-            raise KeyError(f"{config_key}: '{path}' lacks array(s) {missing}; it has {f.files}, expected 'mu' and 'sigma'")
+            raise KeyError(
+                f"{config_key}: '{path}' lacks array(s) {missing}; it has {f.files}, expected 'mu' and 'sigma'"
+            )
         mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{config_key}: '{path}' has mu {mu.shape} and sigma {sigma.shape}; expected (F,) and (F, F)")

@@ -12,15 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from contgen.utils.images import to_uint8  # noqa: F401  (re-exported: the one [-1,1] → uint8 convention)
+
 INCEPTION_WEIGHTS_KEY = "metrics.inception_weights"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 [0, 255] by round((x+1)*127.5), MAR's convention (PNG written from
-    round(clip((x+1)/2*255))); DiT truncates 127.5x+128 instead, which shifts FID slightly (framework.md §4e)."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 class InceptionFeatures(nn.Module):

@@ -9,13 +9,22 @@ from contgen.data.sampling import EpochSampler
 
 
 class DataModule(L.LightningDataModule):
-    def __init__(self, train: Dataset, batch_size: int = 64, num_workers: int = 2, seed: int = 0, pin_memory: bool = True):
+    def __init__(self, train: Dataset, batch_size: int = 64, num_workers: int = 2, seed: int = 0, pin_memory: bool = True,
+                 image_size: int | None = None, root: str | None = None):
+        """``image_size`` and ``root`` are the user-facing keys the data set config interpolates
+        (``data.image_size``, ``data.root``); they are checked against the data set it built."""
         super().__init__()
+        if image_size is not None and getattr(train, "image_size", image_size) != image_size:
+            raise ValueError(f"data.image_size={image_size} but the data set has image_size={train.image_size} "
+                             "(a token cache fixes its resolution: see its meta.json)")
+        if root is not None and str(getattr(train, "root", root)) != str(root):
+            raise ValueError(f"data.root={root} but the data set reads {train.root}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if len(train) < batch_size:
             raise ValueError(f"data: the training set has {len(train)} samples, fewer than data.batch_size={batch_size}")
         self.train_set, self.batch_size, self.num_workers, self.seed, self.pin_memory = train, batch_size, num_workers, seed, pin_memory
+        self.sampler = EpochSampler(len(train), seed)
 
     @property
     def num_classes(self) -> int:
@@ -27,6 +36,19 @@ class DataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # EpochSampler: the order of epoch e depends only on (seed, e), so a resumed run sees the same batches
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=EpochSampler(len(self.train_set), self.seed),
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
                           num_workers=self.num_workers, drop_last=True, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
+
+    # A checkpoint written mid-epoch records how many batches of the epoch were consumed; on resume the sampler
+    # skips them, so a killed run continues with exactly the batches the uninterrupted run would have seen.
+    def state_dict(self) -> dict:
+        loop = self.trainer.fit_loop
+        return {"epoch": loop.epoch_progress.current.processed,
+                "batches_done": loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        # under DDP Lightning wraps this sampler and deals its indices out to the ranks: skip every rank's share
+        consumed = state["batches_done"] * self.batch_size * self.trainer.world_size
+        if 0 < consumed < len(self.train_set):
+            self.sampler.resume_at(state["epoch"], consumed)

@@ -45,7 +45,12 @@ class TokenARModule(L.LightningModule):
         self.seed, self.config = seed, config or {}
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
         if compile:
-            self.net.backbone.compile(dynamic=True)  # the visible length changes with the mask ratio
+            # The visible length changes with the mask ratio, hence dynamic shapes. Inductor (torch 2.11) trips an
+            # internal assertion on MAR's LayerNorm over the symbolic length L − num_masked unless this analysis is off.
+            import torch._inductor.config as inductor_config
+
+            inductor_config.triton.coalesce_tiling_analysis = False
+            self.net.backbone.compile(dynamic=True)
             self.net.head.net.compile()
 
     # --- randomness -------------------------------------------------------------------------------

@@ -190,7 +190,6 @@ def test_mar_param_counts(size):
     m = _build_meta(MARBackbone, mar_mod.SIZES[size])
     target, _, _ = MAR_TARGETS[size]
     assert abs(count(m) / target - 1) < 0.005, count(m)
-    assert abs(count(m.encoder_blocks) / count(m.decoder_blocks) - 1) < 1e-9  # 86.1M each with embeddings (B)
 
 
 @pytest.mark.parametrize("size", ["B", "L", "H"])

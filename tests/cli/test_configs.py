@@ -30,7 +30,7 @@ def compose_train(*overrides: str):
 
 
 def test_train_help_lists_groups():
-    from tests.conftest import run_script
+    from tests.helpers import run_script
 
     out = run_script("train.py", "--help").stdout
     for group in ("method", "model", "tokenizer", "loss", "sampler", "data", "trainer", "strategy", "logger",

@@ -1,0 +1,35 @@
+"""A resumable shuffling sampler: the order of epoch e depends only on (seed, e)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Sampler
+
+
+class EpochSampler(Sampler[int]):
+    """``randperm(n)`` seeded by ``seed + epoch``. Lightning calls ``set_epoch`` on samplers that have it, so a
+    run resumed at epoch e draws the same order; ``resume_at(epoch, n)`` also skips the first ``n`` indices of
+    that epoch once (the samples a killed run had already consumed)."""
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+        self.num_samples, self.seed, self.shuffle, self.epoch = num_samples, seed, shuffle, 0
+        self._skip: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, consumed: int) -> None:
+        self._skip = (epoch, consumed)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.num_samples)
+        start = 0
+        if self._skip is not None and self._skip[0] == self.epoch:
+            start, self._skip = self._skip[1], None
+        return iter(order[start:].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

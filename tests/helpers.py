@@ -1,0 +1,34 @@
+"""Test helpers: run an entry point like a user; a callback that kills training (used from the command line
+with `+callbacks.kill._target_=tests.helpers.KillAtStep`)."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 900, env: dict | None = None):
+    """Run one of the entry points in a subprocess like a user would; fail with its output on error."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(overrides)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL the training process when ``step`` optimizer steps are done — a real, unclean kill."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

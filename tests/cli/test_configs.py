@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
@@ -59,7 +60,7 @@ def test_tokenizer_options_instantiate(name, tmp_path):
         with open_dict(cfg):
             cfg.tokenizer.ckpt_path = str(tmp_path / "kl16.ckpt")
             cfg.data.image_size = 256
-        with pytest.raises(FileNotFoundError, match="tokenizer.ckpt_path"):
+        with pytest.raises(InstantiationException, match="tokenizer.ckpt_path: file not found"):
             instantiate(cfg.tokenizer)
         with open_dict(cfg):
             cfg.tokenizer.ckpt_path = None
@@ -79,7 +80,7 @@ def test_data_options_instantiate(name, tmp_path):
     if "root" in cfg.data:
         with open_dict(cfg):
             cfg.data.root = str(tmp_path / "missing")
-        with pytest.raises(FileNotFoundError, match="data.root"):
+        with pytest.raises(InstantiationException, match="data.root"):
             instantiate(cfg.data)
         return
     dm = instantiate(cfg.data)

@@ -88,3 +88,18 @@ def test_multirun_two_points(tmp_path):
     blrs = {json.loads(json.dumps(load_checkpoint(sweep / j / "checkpoints" / "last.ckpt")["contgen"]["config"]["optim"]["blr"]))
             for j in ("0", "1")}
     assert blrs == {1e-4, 1e-3}
+
+
+def test_cache_tokens_then_train_from_cache(tmp_path):
+    cache = tmp_path / "cache"
+    run_script("cache_tokens.py", "data=shapes", "data.image_size=16", "data.train.num_samples=64", "tokenizer=patch",
+               "num_workers=0", "device=cpu", f"out={cache}", f"hydra.run.dir={tmp_path / 'c'}")
+    assert (cache / "meta.json").is_file()
+    overrides = [o for o in TINY if not o.startswith("data.train.")]
+    run_script("train.py", "data=cached", f"data.root={cache}", *overrides, "evaluate_after_fit=false",
+               "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    mismatch = [o if o != "data.image_size=16" else "data.image_size=32" for o in overrides]
+    with pytest.raises(AssertionError, match="data.image_size=32 but the data set has image_size=16"):
+        run_script("train.py", "data=cached", f"data.root={cache}", *mismatch, "trainer.max_epochs=1",
+                   f"hydra.run.dir={tmp_path / 'bad'}")

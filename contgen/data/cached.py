@@ -1,0 +1,97 @@
+"""The token cache: tokenizer posterior moments of every image and of its horizontal flip, computed once
+(MAR's main_cache.py) and stored as sharded, memory-mappable ``.npy`` arrays instead of one ``.npz`` per image.
+
+Layout of ``root``: ``moments_00000.npy`` (n, 2, L, M) [view 0 = image, view 1 = its h-flip],
+``labels_00000.npy`` (n,), …, and ``meta.json``, written last: a cache without it is incomplete.
+Training picks one view per sample and samples the posterior on the device (``TokenARModule``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+FORMAT_VERSION = 1
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def cache_tokens(dataset: Dataset, tokenizer, out_dir: str | Path, batch_size: int = 64, shard_size: int = 65536,
+                 dtype: str = "float32", num_workers: int = 0, device: str | torch.device = "cpu",
+                 tokenizer_info: dict | None = None, progress: bool = True) -> Path:
+    """Encode every image of ``dataset`` (which must not random-flip: pass ``hflip=False``) and its flip."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "meta.json").exists():
+        raise FileExistsError(f"out: {out} already holds a complete token cache (meta.json); choose another folder")
+    tokenizer = tokenizer.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    shard_sizes, buffer, labels, total = [], [], [], 0
+
+    def flush() -> None:
+        k = len(shard_sizes)
+        _save_atomic(out / f"moments_{k:05d}.npy", np.concatenate(buffer).astype(dtype))
+        _save_atomic(out / f"labels_{k:05d}.npy", np.concatenate(labels).astype(np.int64))
+        shard_sizes.append(sum(len(b) for b in buffer))
+        buffer.clear(), labels.clear()
+
+    from rich.progress import track
+
+    for batch in (track(loader, description="caching tokens") if progress else loader):
+        image = batch["image"].to(device)
+        both = torch.stack([tokenizer.moments(image), tokenizer.moments(image.flip(-1))], dim=1)
+        buffer.append(both.float().cpu().numpy())
+        labels.append(batch["label"].numpy())
+        total += len(image)
+        if sum(len(b) for b in buffer) >= shard_size:
+            flush()
+    if buffer:
+        flush()
+    meta = {"format_version": FORMAT_VERSION, "num_samples": total, "shard_sizes": shard_sizes,
+            "seq_len": tokenizer.seq_len, "moment_dim": tokenizer.moment_dim, "token_dim": tokenizer.token_dim,
+            "image_size": tokenizer.image_size, "num_classes": dataset.num_classes,
+            "class_names": list(dataset.class_names), "dtype": dtype, "tokenizer": tokenizer_info or {}}
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out / "meta.json")
+    return out
+
+
+class CachedTokens(Dataset):
+    """Reads a cache written by :func:`cache_tokens`; shards are memory-mapped, nothing is loaded up front."""
+
+    def __init__(self, root: str):
+        self.root = str(root)
+        meta_path = Path(root) / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"data.root: {root} holds no complete token cache (no meta.json; an interrupted "
+                                    "cache_tokens.py run leaves none) — run cache_tokens.py first")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"data.root: cache format {meta.get('format_version')} in {root}, this contgen reads "
+                             f"{FORMAT_VERSION}; re-run cache_tokens.py")
+        self.meta = meta
+        for key in ("num_classes", "class_names", "seq_len", "moment_dim", "token_dim", "image_size"):
+            setattr(self, key, meta[key])
+        self.moments = [np.load(Path(root) / f"moments_{k:05d}.npy", mmap_mode="r") for k in range(len(meta["shard_sizes"]))]
+        self.labels = [np.load(Path(root) / f"labels_{k:05d}.npy", mmap_mode="r") for k in range(len(meta["shard_sizes"]))]
+        self.offsets = np.cumsum([0] + meta["shard_sizes"])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        i = index - int(self.offsets[shard])
+        return {"moments": torch.from_numpy(np.array(self.moments[shard][i], dtype=np.float32)),
+                "label": torch.tensor(int(self.labels[shard][i]))}

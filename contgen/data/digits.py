@@ -1,0 +1,40 @@
+"""scikit-learn's handwritten digits (8×8 grey, 1797 images, shipped with scikit-learn: no download),
+upsampled bilinearly to ``image_size`` and repeated to 3 channels in [-1, 1]."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val")
+
+
+class Digits(Dataset):
+    """Deterministic train/val split (``val_fraction`` of each class, chosen by ``seed``); labels 0–9."""
+
+    def __init__(self, image_size: int = 32, split: str = "train", seed: int = 0, val_fraction: float = 0.1):
+        from sklearn.datasets import load_digits
+
+        if split not in SPLITS:
+            raise ValueError(f"data.train.split: unknown split {split!r}; expected one of {SPLITS}")
+        digits = load_digits()
+        images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)  # values 0..16
+        labels = torch.from_numpy(digits.target.astype(np.int64))
+        rng = np.random.default_rng(seed)
+        val = np.zeros(len(labels), dtype=bool)
+        for c in range(10):  # stratified: the same fraction of every class
+            idx = np.flatnonzero(digits.target == c)
+            val[rng.choice(idx, size=max(1, round(val_fraction * len(idx))), replace=False)] = True
+        keep = torch.from_numpy(val if split == "val" else ~val)
+        x = F.interpolate(images[keep][:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)
+        self.images = (x * 2 - 1).clamp(-1, 1).expand(-1, 3, -1, -1).contiguous()
+        self.labels = labels[keep]
+        self.image_size, self.num_classes, self.class_names = image_size, 10, [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[index], "label": self.labels[index]}

@@ -1,0 +1,58 @@
+"""An ImageNet-layout folder (``root/<class>/<image>``) with MAR's augmentation: the ADM centre crop, a
+random horizontal flip, and [-1, 1] scaling (main_mar.py:160-166)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's centre crop (guided-diffusion image_datasets.py): halve with a box filter while the short side is
+    at least twice ``size``, resize the short side to ``size`` with bicubic, then cut the centre square."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]
+
+
+class ImageFolder(Dataset):
+    """Labels follow the sorted class-folder names. ``split`` picks ``root/<split>`` when that folder exists
+    (``root=/data/imagenet split=train``); otherwise ``root`` itself holds the class folders."""
+
+    def __init__(self, root: str, image_size: int = 256, split: str | None = None, hflip: bool = True):
+        base = Path(root)
+        if not base.is_dir():
+            raise FileNotFoundError(f"data.root: no such folder: {root}")
+        if split is not None and (base / split).is_dir():
+            base = base / split
+        self.root, self.image_size, self.hflip = str(root), image_size, hflip
+        self.class_names = sorted(d.name for d in base.iterdir() if d.is_dir())
+        self.samples = [(p, label) for label, name in enumerate(self.class_names)
+                        for p in sorted((base / name).rglob("*")) if p.suffix.lower() in EXTENSIONS]
+        if not self.samples:
+            raise ValueError(f"data.root: no images ({', '.join(EXTENSIONS)}) in class folders under {base}")
+        self.num_classes = len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            arr = center_crop_arr(image.convert("RGB"), self.image_size)
+        x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1
+        # the flip happens in the loader worker (whose torch RNG Lightning seeds per worker); the training step
+        # itself draws everything from its per-step generator
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return {"image": x, "label": torch.tensor(label)}

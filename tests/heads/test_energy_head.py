@@ -5,6 +5,7 @@ References: ear.md §1.2-1.5 (EAR ``models/scoreloss.py``) and the 2-D protocol 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -273,6 +274,19 @@ def _ed_floor(c: int) -> float:
     return sum(_energy_distance(_data(lab, g), _data(lab, g)) for _ in range(6)) / 6
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Train on one thread: the matmuls are tiny, and with 2 threads on a loaded machine every one of the
+    ~100 small ops per step waits at an OpenMP barrier for a descheduled thread (measured up to 20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@_one_thread()
 def _train_and_measure(alpha: float = 1.0, temperature: float = 1.0, seed: int = 0) -> dict:
     torch.manual_seed(seed)  # same init for every variant
     emb = nn.Embedding(2, EMB)

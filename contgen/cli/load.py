@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from omegaconf import OmegaConf
 
@@ -14,13 +16,17 @@ def pick_device(device: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
-def load_module(ckpt_path: str, device: str = "auto", overrides: dict | None = None) -> tuple[TokenARModule, dict]:
+def load_module(ckpt_path: str, device: str = "auto", overrides: dict | None = None, reference: str | None = None,
+                allow_pickle: bool = False) -> tuple[TokenARModule, dict]:
     """``overrides``: dotted keys merged into the stored config (``sampler.cfg``, ``tokenizer.ckpt_path``, ...);
-    ``None`` values keep the stored value."""
+    ``None`` values keep the stored value. ``reference``: the name of a paper experiment (``mar_base_in256``)
+    whose architecture a released reference ``.pth`` (``model`` / ``model_ema`` state dicts) is read into."""
+    if reference is not None:
+        return load_reference(ckpt_path, reference, device, overrides, allow_pickle)
     ckpt = load_checkpoint(ckpt_path)
     if "contgen" not in ckpt:
-        raise ValueError(f"ckpt: {ckpt_path} was not written by contgen's train.py (no 'contgen' entry); "
-                         "released MAR .pth files load through contgen.utils.reference_ckpt")
+        raise ValueError(f"ckpt: {ckpt_path} was not written by contgen's train.py (no 'contgen' entry); for a "
+                         "released reference checkpoint pass reference=<experiment>, e.g. reference=mar_base_in256")
     cfg = OmegaConf.create(ckpt["contgen"]["config"])
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -29,3 +35,26 @@ def load_module(ckpt_path: str, device: str = "auto", overrides: dict | None = N
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"], strict=True)
     return module.to(pick_device(device)).eval(), OmegaConf.to_container(cfg)
+
+
+def load_reference(path: str, experiment: str, device: str = "auto", overrides: dict | None = None,
+                   allow_pickle: bool = False) -> tuple[TokenARModule, dict]:
+    """A released MAR/EAR ``.pth``: the architecture comes from ``experiment=<name>``, the raw weights go to the
+    module and ``model_ema`` to its EMA copy (what sampling uses by default)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from contgen.utils.reference_ckpt import load_reference_mar
+
+    dotted = [f"experiment={experiment}", "paths.output_dir=.", "data.root=null"]  # no data needed to sample
+    dotted += [f"{k}={v}" for k, v in (overrides or {}).items() if v is not None]
+    if GlobalHydra.instance().is_initialized():  # inside sample.py / evaluate.py: same config search path
+        cfg = compose("train.yaml", overrides=dotted)
+    else:
+        with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+            cfg = compose("train.yaml", overrides=dotted)
+    num_classes = 1000  # the released checkpoints are ImageNet models
+    module = build_module(cfg, num_classes)
+    load_reference_mar(path, module.net.backbone, module.net.head, use_ema=False, allow_pickle=allow_pickle)
+    load_reference_mar(path, module.ema.shadow.backbone, module.ema.shadow.head, use_ema=True, allow_pickle=allow_pickle)
+    return module.to(pick_device(device)).eval(), OmegaConf.to_container(cfg, resolve=True)

@@ -14,7 +14,7 @@ from contgen.utils.images import save_grid, save_npz
 def sample(cfg: DictConfig) -> list[Path]:
     overrides = {f"sampler.{k}": v for k, v in OmegaConf.to_container(cfg.sampler).items()}
     overrides["tokenizer.ckpt_path"] = cfg.tokenizer_ckpt_path
-    module, _ = load_module(cfg.ckpt, cfg.device, overrides)
+    module, _ = load_module(cfg.ckpt, cfg.device, overrides, cfg.reference, cfg.allow_pickle)
     num_classes = module.net.backbone.num_classes
     classes = list(cfg.classes) if cfg.classes is not None else list(range(min(num_classes, 10)))
     bad = [c for c in classes if not 0 <= c < num_classes]

@@ -53,7 +53,7 @@ def energy_score_loss(
 
 
 class GeneratorMLP(AdaLNMLP):
-    """EAR's ``SimpleMLPAdaLN`` (scoreloss.py:108-175): the condition is the residual stream, noise drives AdaLN.
+    """EAR's ``SimpleMLPAdaLN`` (scoreloss.py:52-175): the condition is the residual stream, noise drives AdaLN.
 
     Parameter names match the reference's ``scoreloss.net.*``; a fresh network outputs exactly 0.
     """
@@ -94,7 +94,7 @@ class EnergyHead(nn.Module):
     ):
         super().__init__()
         if not 0.0 < alpha <= 2.0:
-            raise ValueError(f"head.alpha: must be in (0, 2] (proper for (0, 2); 2 learns only the mean), got {alpha}")
+            raise ValueError(f"head.alpha: must be in (0, 2] (proper on (0, 2); 2 learns only the mean), got {alpha}")
         if num_samples < 2:
             raise ValueError(f"head.num_samples: the repulsive term needs at least 2 samples per row, got {num_samples}")
         if score_batch_mul < 1:
@@ -125,7 +125,9 @@ class EnergyHead(nn.Module):
         Sets ``last_metrics`` (detached, no sync): ``attraction`` = E||X-y||^a, ``repulsion`` = E||X-X'||^a.
         """
         if target.shape[0] != z.shape[0] or target.shape[-1] != self.token_dim:
-            raise ValueError(f"head.loss: target {tuple(target.shape)} and z {tuple(z.shape)} must be (N, {self.token_dim}) and (N, C)")
+            raise ValueError(
+                f"head.loss: target {tuple(target.shape)} and z {tuple(z.shape)} must be (N, {self.token_dim}) and (N, C)"
+            )
         target, z = target.repeat(self.score_batch_mul, 1), z.repeat(self.score_batch_mul, 1)
         n, m = z.shape[0], self.num_samples
         samples = self.net(z.repeat(m, 1), self._noise(m * n, z.device, generator)).view(m, n, -1)

@@ -21,14 +21,14 @@ HEAD_PREFIXES = ("diffloss.", "scoreloss.")
 
 def _read(path: str, allow_pickle: bool) -> dict:
     if not os.path.isfile(path):
-        raise ValueError(f"ckpt.path: file not found: {path}")
+        raise ValueError(f"ckpt: file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
         raise ValueError(
-            f"ckpt.path: {path} holds pickled Python objects besides tensors (e.g. the reference's argparse "
+            f"ckpt: {path} holds pickled Python objects besides tensors (e.g. the reference's argparse "
             "Namespace under 'args'), which torch.load(weights_only=True) refuses. Unpickling can run arbitrary "
-            "code: only for a file you trust, pass allow_pickle=True (config key ckpt.allow_pickle=true)."
+            "code: only for a file you trust, pass allow_pickle=True (allow_pickle=true on the command line)."
         ) from e
 
 
@@ -40,7 +40,7 @@ def _check(name: str, path: str, module: nn.Module, state: dict[str, torch.Tenso
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        lines = [f"ckpt.path: {path} does not match the {name}:"]
+        lines = [f"ckpt: {path} does not match the {name}:"]
         for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
             if items:
                 lines.append(f"  {what} ({len(items)}): " + ", ".join(items))
@@ -59,8 +59,8 @@ def load_reference_mar(path: str, backbone: nn.Module, head: nn.Module, use_ema:
     key = "model_ema" if use_ema else "model"
     if not isinstance(ckpt, dict) or key not in ckpt:
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        hint = " (the file has no EMA weights: set ckpt.use_ema=false to load 'model')" if use_ema else ""
-        raise ValueError(f"ckpt.path: {path} has no '{key}' entry{hint}; found {found}")
+        hint = " (the file has no EMA weights: set use_ema=false to load 'model')" if use_ema else ""
+        raise ValueError(f"ckpt: {path} has no '{key}' entry{hint}; found {found}")
     state = ckpt[key]
     prefix = next((p for p in HEAD_PREFIXES if any(k.startswith(p) for k in state)), HEAD_PREFIXES[0])
     head_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -139,8 +139,20 @@ def test_zero_output_and_finite_gradients_at_init(alpha):
     assert head.net.final_layer.linear.bias.grad.abs().sum() > 0  # training can start
 
 
+def test_loss_under_bf16_autocast_is_fp32_and_close():
+    """Norms are taken in fp32 even when the generator runs in bf16."""
+    head = EnergyHead(16, 32, width=64, depth=2)
+    _randomize(head, seed=1, std=0.1)
+    target, z = torch.randn(40, 16, generator=_gen(0)), torch.randn(40, 32, generator=_gen(1))
+    ref = head.loss(target, z, generator=_gen(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = head.loss(target, z, generator=_gen(2))
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+    torch.testing.assert_close(low, ref, rtol=0.05, atol=0.05)  # bf16 keeps ~3 significant digits per op
+
+
 def test_parameter_names_match_reference():
-    """Keys of EAR's ``scoreloss.net`` (SimpleMLPAdaLN, scoreloss.py:108-175) with their shapes."""
+    """Keys of EAR's ``scoreloss.net`` (SimpleMLPAdaLN, scoreloss.py:52-175) with their shapes."""
     c, w, d, nc = 24, 32, 16, 8
     net = GeneratorMLP(c, w, 2, d, noise_channels=nc)
     expected = {
@@ -153,7 +165,8 @@ def test_parameter_names_match_reference():
             f"res_blocks.{i}.in_ln.weight": (w,), f"res_blocks.{i}.in_ln.bias": (w,),
             f"res_blocks.{i}.mlp.0.weight": (w, w), f"res_blocks.{i}.mlp.0.bias": (w,),
             f"res_blocks.{i}.mlp.2.weight": (w, w), f"res_blocks.{i}.mlp.2.bias": (w,),
-            f"res_blocks.{i}.adaLN_modulation.1.weight": (3 * w, w), f"res_blocks.{i}.adaLN_modulation.1.bias": (3 * w,),
+            f"res_blocks.{i}.adaLN_modulation.1.weight": (3 * w, w),
+            f"res_blocks.{i}.adaLN_modulation.1.bias": (3 * w,),
         }
     assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == expected
     assert all(k.startswith("net.") for k in EnergyHead(d, c, width=w, depth=2).state_dict())

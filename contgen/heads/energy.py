@@ -14,10 +14,10 @@ from torch import nn
 
 from contgen.nn import AdaLNMLP
 
-# Added to ||.||^2 before the sqrt. At a < 1 the gradient of d^a is infinite at d = 0 and the sqrt's
-# backward turns it into NaN when two samples coincide (they do: every sample is exactly 0 at init).
-# With 1e-20 that gradient stays finite, and in fp32 it does not change the value of any squared
-# distance above ~1e-13 (it is below half an ulp), so non-degenerate pairs are bit-identical.
+# Added to ||.||^2 before the sqrt. At a < 1 the gradient of d^a is infinite at d = 0, and times the zero
+# gradient of the norm there it gives NaN when two samples coincide (they do: every sample is 0 at init).
+# With 1e-20 it stays finite, and in fp32 it is below half an ulp of any squared distance above ~1e-12,
+# so the value of every non-degenerate pair is bit-identical to the plain norm.
 _SQ_EPS = 1e-20
 
 
@@ -96,7 +96,7 @@ class EnergyHead(nn.Module):
         if not 0.0 < alpha <= 2.0:
             raise ValueError(f"head.alpha: must be in (0, 2] (proper on (0, 2); 2 learns only the mean), got {alpha}")
         if num_samples < 2:
-            raise ValueError(f"head.num_samples: the repulsive term needs at least 2 samples per row, got {num_samples}")
+            raise ValueError(f"head.num_samples: the repulsion term needs >= 2 samples per row, got {num_samples}")
         if score_batch_mul < 1:
             raise ValueError(f"head.score_batch_mul: must be >= 1, got {score_batch_mul}")
         self.token_dim = token_dim
@@ -126,7 +126,7 @@ class EnergyHead(nn.Module):
         """
         if target.shape[0] != z.shape[0] or target.shape[-1] != self.token_dim:
             raise ValueError(
-                f"head.loss: target {tuple(target.shape)} and z {tuple(z.shape)} must be (N, {self.token_dim}) and (N, C)"
+                f"head.loss: target {tuple(target.shape)} and z {tuple(z.shape)} must be (N, {self.token_dim}), (N, C)"
             )
         target, z = target.repeat(self.score_batch_mul, 1), z.repeat(self.score_batch_mul, 1)
         n, m = z.shape[0], self.num_samples

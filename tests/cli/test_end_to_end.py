@@ -103,3 +103,15 @@ def test_cache_tokens_then_train_from_cache(tmp_path):
     with pytest.raises(AssertionError, match="data.image_size=32 but the data set has image_size=16"):
         run_script("train.py", "data=cached", f"data.root={cache}", *mismatch, "trainer.max_epochs=1",
                    f"hydra.run.dir={tmp_path / 'bad'}")
+
+
+def test_wandb_offline_run_files(tmp_path):
+    """logger=wandb with WANDB_MODE=offline writes a local W&B run (losses, LR, throughput, sample grids)."""
+    run = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith("callbacks.sample_grid")]
+    run_script("train.py", *overrides, "logger=wandb", "evaluate_after_fit=false", "trainer.max_epochs=1",
+               "callbacks.sample_grid.every_n_steps=4", f"hydra.run.dir={run}", env={"WANDB_MODE": "offline"})
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("files/media/images/samples_*.png"))
+    history = next(runs[0].glob("*.wandb")).read_bytes()  # the offline run's record stream, synced later
+    assert all(key in history for key in (b"train/loss", b"train/img_per_s", b"lr-AdamW", b"samples"))

@@ -66,12 +66,16 @@ class DiffusionHead(nn.Module):
 
     def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 6,
                  num_train_steps: int = 1000, num_sampling_steps: int | str = 100, noise_schedule: str = "cosine",
-                 batch_mul: int = 4, grad_checkpointing: bool = False):
+                 batch_mul: int = 4, grad_checkpointing: bool = False, clip_denoised: float | None = None):
         super().__init__()
         if batch_mul < 1:
             raise ValueError(f"head.batch_mul: must be >= 1, got {batch_mul}")
         self.token_dim = token_dim
         self.batch_mul = batch_mul
+        # MAR samples latents unclipped (None). For tokens with a known range — pixel patches in [-1, 1] — clipping
+        # the predicted x0 keeps the first steps of the cosine schedule (ᾱ_T ≈ 2e-9, where ε-errors are amplified
+        # ~1/√ᾱ) from blowing up before the head has learned ε at t ≈ T precisely.
+        self.clip_denoised = clip_denoised
         self.net = DenoiserMLP(token_dim, cond_dim, width, depth, grad_checkpointing)
         betas = make_betas(noise_schedule, num_train_steps)
         self.train_diffusion = GaussianDiffusion(betas)
@@ -125,7 +129,7 @@ class DiffusionHead(nn.Module):
             if cfg is not None:
                 eps_c, eps_u = eps.chunk(2)
                 eps, v = eps_u + cfg * (eps_c - eps_u), v[:n]
-            x, log_var = diffusion.p_mean_variance(eps, v, x, i)
+            x, log_var = diffusion.p_mean_variance(eps, v, x, i, self.clip_denoised)
             if i > 0:
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
                 x = x + temperature * torch.exp(0.5 * log_var) * noise

@@ -129,16 +129,19 @@ class GaussianDiffusion(nn.Module):
         """Mean of q(x_{t-1} | x_t, x0) (DDPM eq. 7)."""
         return self._at(self.posterior_mean_coef1, t) * x0 + self._at(self.posterior_mean_coef2, t) * x_t
 
-    def p_mean_variance(self, eps: torch.Tensor, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def p_mean_variance(self, eps: torch.Tensor, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int,
+                        clip_x0: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of p(x_{t-1} | x_t) from ε̂ and the variance output v ∈ [-1, 1].
 
         Learned range (IDDPM eq. 15): log σ² = f·log β_t + (1−f)·log β̃_t, f = (v+1)/2. No x0 clipping
-        (MAR samples with clip_denoised=False).
+        (MAR samples with clip_denoised=False); ``clip_x0`` clamps the predicted x0 to [−clip_x0, clip_x0], ADM's
+        clip_denoised, for tokens with a known range (pixels).
         """
         frac = (v + 1) / 2
         log_var = frac * self._at(self.log_betas, t) + (1 - frac) * self._at(self.posterior_log_var_clipped, t)
         x0 = self._at(self.sqrt_recip_alpha_bar, t) * x_t - self._at(self.sqrt_recipm1_alpha_bar, t) * eps
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
         return self.q_posterior_mean(x0, x_t, t), log_var
 
     def loss_terms(self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,

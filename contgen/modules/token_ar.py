@@ -45,13 +45,12 @@ class TokenARModule(L.LightningModule):
         self.seed, self.config = seed, config or {}
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
         if compile:
-            # The visible length changes with the mask ratio, hence dynamic shapes. Inductor (torch 2.11) trips an
-            # internal assertion on MAR's LayerNorm over the symbolic length L − num_masked unless this analysis is off.
-            import torch._inductor.config as inductor_config
-
-            inductor_config.triton.coalesce_tiling_analysis = False
-            self.net.backbone.compile(dynamic=True)
-            self.net.head.net.compile()
+            # Only what has static shapes: the blocks over the full sequence (MAR's decoder, EAR's stack; L + buffer
+            # tokens) and the head MLP (rows vary with the mask ratio: dynamic). MAR's encoder sees L − num_masked
+            # tokens; with a symbolic length Inductor (torch 2.11) fails on its LayerNorm backward, so it stays eager.
+            for block in self.net.backbone.decoder_blocks:
+                block.compile()
+            self.net.head.net.compile(dynamic=True)
 
     # --- randomness -------------------------------------------------------------------------------
     def step_generators(self, batch_idx: int) -> tuple[torch.Generator, torch.Generator]:

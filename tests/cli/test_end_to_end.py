@@ -115,3 +115,16 @@ def test_wandb_offline_run_files(tmp_path):
     assert len(runs) == 1 and list(runs[0].glob("files/media/images/samples_*.png"))
     history = next(runs[0].glob("*.wandb")).read_bytes()  # the offline run's record stream, synced later
     assert all(key in history for key in (b"train/loss", b"train/img_per_s", b"lr-AdamW", b"samples"))
+
+
+EAR_TINY = [o for o in TINY if not o.startswith(("model.", "loss."))] + [
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "loss.width=32", "loss.depth=1"]
+
+
+def test_method_ear_trains_samples_and_evaluates(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    run_script("train.py", "method=ear", *EAR_TINY, "trainer.max_epochs=1", f"hydra.run.dir={run}",
+               env={"CONTGEN_CACHE": cache_dir})
+    config = load_checkpoint(run / "checkpoints" / "last.ckpt")["contgen"]["config"]
+    assert config["loss"]["_target_"].endswith("EnergyHead") and config["optim"]["head_lr_scale"] == 0.25
+    assert {"fd_builtin", "class_acc"} <= set(json.loads((run / "metrics.json").read_text()))

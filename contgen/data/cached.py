@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 FORMAT_VERSION = 1
+DTYPES = ("float32", "float16")
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
@@ -30,6 +31,11 @@ def cache_tokens(dataset: Dataset, tokenizer, out_dir: str | Path, batch_size: i
                  dtype: str = "float32", num_workers: int = 0, device: str | torch.device = "cpu",
                  tokenizer_info: dict | None = None, progress: bool = True) -> Path:
     """Encode every image of ``dataset`` (which must not random-flip: pass ``hflip=False``) and its flip."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not a cache dtype; expected one of {DTYPES}")
+    if getattr(dataset, "hflip", False):
+        raise ValueError("cache_tokens: the data set random-flips (hflip=True), which would corrupt view 0; "
+                         "build it with hflip=False (the cache stores the image and its flip itself)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "meta.json").exists():
@@ -83,14 +89,40 @@ class CachedTokens(Dataset):
         self.meta = meta
         for key in ("num_classes", "class_names", "seq_len", "moment_dim", "token_dim", "image_size"):
             setattr(self, key, meta[key])
-        self.moments = [np.load(Path(root) / f"moments_{k:05d}.npy", mmap_mode="r") for k in range(len(meta["shard_sizes"]))]
-        self.labels = [np.load(Path(root) / f"labels_{k:05d}.npy", mmap_mode="r") for k in range(len(meta["shard_sizes"]))]
+        self.moments, self.labels = self._open()
         self.offsets = np.cumsum([0] + meta["shard_sizes"])
+
+    def _open(self) -> tuple[list[np.memmap], list[np.memmap]]:
+        """Memory-map every shard, checking its header against meta.json (a truncated or foreign shard fails here)."""
+        moments, labels = [], []
+        for k, n in enumerate(self.meta["shard_sizes"]):
+            for name, shape, arrays in ((f"moments_{k:05d}.npy", (n, 2, self.seq_len, self.moment_dim), moments),
+                                        (f"labels_{k:05d}.npy", (n,), labels)):
+                try:
+                    arrays.append(np.load(Path(self.root) / name, mmap_mode="r"))
+                except (OSError, ValueError) as err:
+                    raise ValueError(f"data.root: unreadable shard {name} in {self.root} ({err}); "
+                                     "re-run cache_tokens.py") from err
+                if arrays[-1].shape != shape:
+                    raise ValueError(f"data.root: shard {name} in {self.root} has shape {arrays[-1].shape}, "
+                                     f"meta.json says {shape}; re-run cache_tokens.py")
+        return moments, labels
+
+    # Pickling a memmap copies its whole content; DataLoader workers started with "spawn" (the macOS default)
+    # pickle the data set, so ship only the paths and map the shards again in the worker.
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "moments": None, "labels": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.moments, self.labels = self._open()
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} cached samples")
         shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
         i = index - int(self.offsets[shard])
         return {"moments": torch.from_numpy(np.array(self.moments[shard][i], dtype=np.float32)),

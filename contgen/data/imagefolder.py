@@ -27,7 +27,8 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
 
 class ImageFolder(Dataset):
     """Labels follow the sorted class-folder names. ``split`` picks ``root/<split>`` when that folder exists
-    (``root=/data/imagenet split=train``); otherwise ``root`` itself holds the class folders."""
+    (``root=/data/imagenet split=train``); otherwise ``root`` itself holds the class folders. For the token cache
+    build it with ``hflip=False``: :func:`~contgen.data.cached.cache_tokens` stores both views itself."""
 
     def __init__(self, root: str, image_size: int = 256, split: str | None = None, hflip: bool = True):
         base = Path(root)
@@ -35,6 +36,9 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(f"data.root: no such folder: {root}")
         if split is not None and (base / split).is_dir():
             base = base / split
+        elif split is not None and any((base / s).is_dir() for s in ("train", "val")):
+            # a split layout without the requested split: reading root itself would make "train"/"val" the classes
+            raise FileNotFoundError(f"data.root: {root} has split folders but no {split}/ folder (data.train.split)")
         self.root, self.image_size, self.hflip = str(root), image_size, hflip
         self.class_names = sorted(d.name for d in base.iterdir() if d.is_dir())
         self.samples = [(p, label) for label, name in enumerate(self.class_names)

@@ -72,6 +72,8 @@ class Shapes(Dataset):
             raise ValueError(f"data.split: unknown split {split!r}; expected one of {list(SPLIT_OFFSETS)}")
         if image_size < 8:
             raise ValueError(f"data.image_size: {image_size} is too small for legible shapes (need >= 8)")
+        if seed < 0:
+            raise ValueError(f"data.seed: must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
         if num_samples < 1:
             raise ValueError(f"data.num_samples: must be >= 1, got {num_samples}")
         self.image_size, self.num_samples, self.seed, self.split = image_size, num_samples, seed, split

@@ -128,3 +128,26 @@ def test_method_ear_trains_samples_and_evaluates(tmp_path, cache_dir):
     config = load_checkpoint(run / "checkpoints" / "last.ckpt")["contgen"]["config"]
     assert config["loss"]["_target_"].endswith("EnergyHead") and config["optim"]["head_lr_scale"] == 0.25
     assert {"fd_builtin", "class_acc"} <= set(json.loads((run / "metrics.json").read_text()))
+
+
+@pytest.mark.slow
+def test_evaluate_inception_fid_offline(tmp_path, monkeypatch):
+    """FID/IS through torch-fidelity's InceptionV3 from a local weights file (random weights here: the pipeline,
+    not the value, is under test) against an .npz of reference statistics; nothing is downloaded."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    from contgen.metrics import save_stats
+
+    with monkeypatch.context() as m:  # build the network without weights, save a random state dict
+        m.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        torch.save(tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict(), tmp_path / "inc.pth")
+    save_stats(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))
+    run = tmp_path / "run"
+    run_script("train.py", *TINY, "evaluate_after_fit=false", "trainer.max_epochs=1", f"hydra.run.dir={run}")
+    ev = tmp_path / "ev"
+    run_script("evaluate.py", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "metrics.num_samples=20",
+               "metrics.batch_size=10", "metrics.builtin=none", f"metrics.inception_weights={tmp_path / 'inc.pth'}",
+               f"metrics.ref_stats={tmp_path / 'ref.npz'}", f"hydra.run.dir={ev}")
+    scores = json.loads((ev / "metrics.json").read_text())
+    assert np.isfinite(scores["fid"]) and scores["fid"] > 0 and scores["is"] >= 1.0 and "fd_builtin" not in scores

@@ -100,3 +100,71 @@ def test_epoch_sampler_deterministic_and_resumable():
     assert list(a) != first
     b.resume_at(3, 8)  # skip the 8 samples already consumed in epoch 3, once
     assert list(b) == first[8:] and list(b) == first
+
+
+def test_shapes_fast_and_separable_by_a_tiny_cnn():
+    import time
+
+    t = time.perf_counter()
+    train = Shapes(16, 1200, seed=0, split="train")
+    x, y = torch.stack([train[i]["image"] for i in range(1200)]), torch.stack([train[i]["label"] for i in range(1200)])
+    # 1200 samples take ~0.3 s on a dev box (budget: 1000 at 32 px < 1 s); the bound leaves room for slow CI cores
+    assert time.perf_counter() - t < 5
+    val = Shapes(16, 240, seed=0, split="val")
+    xv, yv = torch.stack([val[i]["image"] for i in range(240)]), torch.stack([val[i]["label"] for i in range(240)])
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                        nn.Linear(32, 12))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 64):
+            b = perm[i: i + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[b]), y[b]).backward()
+            opt.step()
+    with torch.no_grad():
+        acc = (net(xv).argmax(1) == yv).float().mean().item()
+    # chance is 1/12; unambiguous classes reach 1.0 here after 6-8 epochs at 16 px, the hardest resolution
+    assert acc >= 0.95
+
+
+def test_digits_split_disjoint_and_deterministic():
+    train, val = Digits(8, "train"), Digits(8, "val")
+    rows = {img.numpy().tobytes() for img in train.images}  # the 1797 digit images are pairwise distinct
+    assert not any(img.numpy().tobytes() in rows for img in val.images)
+    assert torch.equal(Digits(8, "val").images, val.images) and not torch.equal(Digits(8, "val", seed=1).images, val.images)
+    assert Digits(32, "val")[0]["image"].shape == (3, 32, 32)
+
+
+def test_imagefolder_split_layout(tmp_path):
+    _image_tree(tmp_path / "train")
+    ds = ImageFolder(str(tmp_path), image_size=16, split="train")
+    assert ds.class_names == ["ant", "bee"] and len(ds) == 2
+    with pytest.raises(FileNotFoundError, match="no val/ folder"):
+        ImageFolder(str(tmp_path), image_size=16, split="val")  # not silently reading train/ as a class
+
+
+def test_cache_guards_corrupt_shard_and_pickling(tmp_path):
+    import pickle
+
+    tok = PatchTokenizer(16, 4)
+    with pytest.raises(ValueError, match="dtype"):
+        cache_tokens(Shapes(16, 8), tok, tmp_path / "a", dtype="bfloat16", progress=False)
+    _image_tree(tmp_path / "imgs")
+    with pytest.raises(ValueError, match="hflip=False"):
+        cache_tokens(ImageFolder(str(tmp_path / "imgs"), 16, hflip=True), tok, tmp_path / "b", progress=False)
+    out = cache_tokens(Shapes(16, 8), tok, tmp_path / "c", batch_size=4, dtype="float16", progress=False)
+    cached = CachedTokens(str(out))
+    assert cached.moments[0].dtype == np.float16 and cached[3]["moments"].dtype == torch.float32
+    assert torch.allclose(cached[3]["moments"][0], tok.moments(Shapes(16, 8)[3]["image"][None])[0], atol=1e-3)
+    clone = pickle.loads(pickle.dumps(cached))  # what a "spawn" DataLoader worker receives
+    assert len(pickle.dumps(cached)) < 4096 and isinstance(clone.moments[0], np.memmap)
+    assert torch.equal(clone[5]["moments"], cached[5]["moments"])
+    shard = out / "moments_00000.npy"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated, as by a full disk
+    with pytest.raises(ValueError, match="data.root: unreadable shard moments_00000.npy"):
+        CachedTokens(str(out))

@@ -1,0 +1,46 @@
+"""GPU checks: bf16 training steps (eager and compiled) and sampling on CUDA. Skipped without a GPU."""
+
+import functools
+
+import pytest
+import torch
+
+from contgen.backbones.ear import EARBackbone
+from contgen.backbones.mar import MARBackbone
+from contgen.heads.diffusion import DiffusionHead
+from contgen.heads.energy import EnergyHead
+from contgen.modules.token_ar import TokenARModule
+from contgen.samplers.masked import MaskedARSampler
+from contgen.tokenizers.patch import PatchTokenizer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+MODELS = {
+    "mar": (functools.partial(MARBackbone, encoder_embed_dim=128, encoder_depth=2, encoder_num_heads=4,
+                              decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, buffer_size=8),
+            functools.partial(DiffusionHead, width=128, depth=2, num_sampling_steps=10)),
+    "ear": (functools.partial(EARBackbone, embed_dim=128, depth=4, num_heads=4, buffer_size=8),
+            functools.partial(EnergyHead, width=128, depth=2)),
+}
+
+
+@pytest.mark.parametrize("method", ["mar", "ear"])
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_steps_and_sampling_on_cuda(method, compile):
+    backbone, head = MODELS[method]
+    module = TokenARModule(PatchTokenizer(32, 4), backbone, head, MaskedARSampler(num_iter=8, cfg=3.0), num_classes=10,
+                           compile=compile).cuda()
+    opt = torch.optim.AdamW(module.net.parameters(), lr=1e-3, fused=True)
+    batch = {"image": torch.rand(32, 3, 32, 32, device="cuda") * 2 - 1, "label": torch.randint(0, 10, (32,), device="cuda")}
+    for step in range(4):  # several steps: the mask ratio (and so the shapes) change between them
+        g, g_cpu = module.step_generators(step)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = module.masked_loss(module.tokens_from_batch(batch, g), batch["label"], g, g_cpu)
+        loss.backward()
+        opt.step(), opt.zero_grad()
+        module.ema.update(module.net)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a = module.generate(torch.arange(4, device="cuda"), generator=torch.Generator("cuda").manual_seed(0))
+        b = module.generate(torch.arange(4, device="cuda"), generator=torch.Generator("cuda").manual_seed(0))
+    assert a.shape == (4, 3, 32, 32) and torch.isfinite(a).all() and torch.equal(a, b)

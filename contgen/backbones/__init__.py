@@ -1,4 +1,11 @@
-"""Token-AR backbones: tokens, labels and a masking order in, per-token conditions ``z`` out."""
+"""Token-AR backbones: tokens, labels and a masking order in, per-token conditions ``z`` out.
+
+The contract: ``__init__(seq_len, token_dim, num_classes, ...)`` (sizes from the tokenizer and data set), attributes
+``seq_len``, ``token_dim``, ``cond_dim`` (width of z), ``num_classes``, ``label_drop_prob``, and
+``forward(tokens (B, L, D), labels (B,), order (B, L), num_masked: int, drop (B,) bool | None) -> z (B, L, C)``:
+positions ``order[:, :num_masked]`` are masked (a python count: static shapes, no host sync); ``drop`` selects the
+learned null class. Backbones draw no random numbers: the caller does.
+"""
 
 from contgen.backbones.base import MaskedTokenBackbone
 from contgen.backbones.ear import EARBackbone

@@ -73,7 +73,7 @@ class GeneratorMLP(AdaLNMLP):
 
 
 class EnergyHead(nn.Module):
-    """Per-token energy-score head (the MAR/EAR plug point, see contracts: ``loss`` / ``sample``).
+    """Per-token energy-score head (the head contract of :mod:`contgen.heads`: ``loss`` / ``sample``).
 
     Each of the N rows is repeated ``score_batch_mul`` times (EAR ``score_batch_mul``) and gets
     ``num_samples`` generator draws; the defaults (2, 2) reproduce the reference's cost and noise layout.

@@ -38,7 +38,7 @@ def unpatchify(tokens: torch.Tensor, p: int, grid: tuple[int, int]) -> torch.Ten
 
 
 class Tokenizer(nn.Module):
-    """Frozen image <-> token map (contract in contracts.md, "Tokenizer").
+    """Frozen image <-> token map: ``moments`` → ``sample`` = ``encode``, and ``decode``.
 
     Subclasses set ``image_size``, ``channels``, ``token_dim`` (D), ``grid`` (h, w), ``moment_dim`` (M),
     implement ``moments``/``sample``/``decode`` and call :meth:`freeze` at the end of ``__init__``.

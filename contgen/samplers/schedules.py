@@ -65,9 +65,14 @@ def cosine_mask_schedule(seq_len: int, num_iter: int) -> list[int]:
 
 def cfg_schedule(cfg: float, schedule: str, seq_len: int, mask_len_next: int) -> float:
     """Guidance scale of one step: ``constant``, or ``linear`` ramping 1 → cfg as tokens are generated
-    (Muse-style, mar.py:312-318): ``1 + (cfg − 1) · (L − mask_len_next) / L``."""
+    (Muse-style, mar.py:312-318): ``1 + (cfg − 1) · (L − m) / L``.
+
+    ``m`` is the reference's ``mask_len``, which is clamped to ≥ 1 *before* the scale is computed, also on the
+    last step where nothing stays masked (mar.py:296-318, EAR ear.py:258-281). So the last scale is
+    ``1 + (cfg − 1)(L − 1)/L`` (2.8926 at cfg 2.9, L 256), never exactly ``cfg``.
+    """
     if schedule == "constant":
         return cfg
     if schedule == "linear":
-        return 1.0 + (cfg - 1.0) * (seq_len - mask_len_next) / seq_len
+        return 1.0 + (cfg - 1.0) * (seq_len - max(1, mask_len_next)) / seq_len
     raise ValueError(f"sampler.cfg_schedule must be 'linear' or 'constant', got {schedule!r}")

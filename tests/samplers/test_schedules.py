@@ -41,15 +41,24 @@ def test_num_iter_out_of_range_is_a_clear_error():
 
 
 def test_cfg_schedule_values():
-    # linear: 1 + (cfg - 1) (L - mask_len_next) / L; constant: cfg
+    # linear: 1 + (cfg - 1) (L - max(1, mask_len_next)) / L; constant: cfg
     assert cfg_schedule(3.0, "linear", 256, 256) == 1.0
-    assert cfg_schedule(3.0, "linear", 256, 0) == 3.0
     assert cfg_schedule(2.9, "linear", 256, 192) == pytest.approx(1 + 1.9 * 64 / 256)
     assert cfg_schedule(2.9, "constant", 256, 192) == 2.9
     values = [cfg_schedule(3.0, "linear", 256, m) for m in cosine_mask_schedule(256, 64)]
-    assert all(a < b for a, b in zip(values, values[1:])) and values[-1] == 3.0
+    assert all(a <= b for a, b in zip(values, values[1:]))
     with pytest.raises(ValueError, match="cfg_schedule"):
         cfg_schedule(3.0, "cosine", 256, 0)
+
+
+def test_linear_cfg_on_the_last_step_clamps_like_the_reference():
+    """mar.py:296-318 / EAR ear.py:258-281 clamp mask_len to >= 1 before the scale, also on the last step, so
+    the last scale is 1 + (cfg - 1)(L - 1)/L, not cfg (2.8926 at cfg 2.9, L 256)."""
+    last = cosine_mask_schedule(256, 64)[-1]
+    assert last == 0
+    assert cfg_schedule(2.9, "linear", 256, last) == pytest.approx(1 + 1.9 * 255 / 256, abs=1e-12)
+    assert round(cfg_schedule(2.9, "linear", 256, last), 4) == 2.8926
+    assert cfg_schedule(2.9, "linear", 256, 1) == cfg_schedule(2.9, "linear", 256, 0)
 
 
 def test_mask_ratio_range_and_distribution():

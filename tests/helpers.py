@@ -8,8 +8,14 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_optim(**overrides) -> dict:
+    """conf/train.yaml's ``optim`` block (the one place its defaults live), with ``overrides``."""
+    return {**yaml.safe_load((ROOT / "conf" / "train.yaml").read_text())["optim"], **overrides}
 
 
 def run_script(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 900, env: dict | None = None):
@@ -20,7 +26,6 @@ def run_script(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 90
         raise AssertionError(f"{script} {' '.join(overrides)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
-
 
 
 class KillAtStep(L.Callback):

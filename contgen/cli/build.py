@@ -26,7 +26,8 @@ def build_module(cfg: DictConfig, num_classes: int, data_info: dict | None = Non
         tokenizer=tokenizer, backbone=instantiate(cfg.model), head=instantiate(cfg.loss),
         sampler=instantiate(cfg.sampler), num_classes=num_classes,
         optim=OmegaConf.to_container(cfg.optim, resolve=True), mask_ratio_min=cfg.module.mask_ratio_min,
-        seed=cfg.seed, compile=cfg.module.compile, config=OmegaConf.to_container(cfg, resolve=True))
+        seed=cfg.seed, compile=cfg.module.compile, sample_precision=cfg.module.sample_precision,
+        config=OmegaConf.to_container(cfg, resolve=True))
 
 
 def data_info(dataset) -> dict:

@@ -96,6 +96,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     overrides = {f"sampler.{k}": v for k, v in OmegaConf.to_container(cfg.sampler).items()}
     overrides["tokenizer.ckpt_path"] = cfg.tokenizer_ckpt_path
+    overrides["module.sample_precision"] = cfg.precision
     module, stored = load_module(cfg.ckpt, cfg.device, overrides, cfg.reference, cfg.allow_pickle)
     merged = OmegaConf.create({"data": stored["data"], "metrics": cfg.metrics, "paths": {"cache_dir": cfg.paths.cache_dir}})
     return evaluate_module(module, merged, out_dir=cfg.out_dir)

@@ -6,8 +6,8 @@ per image; the backbone sees the visible tokens and the class (dropped to the nu
 ``label_drop_prob``); the head's loss is taken on the masked rows only — they are gathered before the
 head runs, so no head compute is spent on rows that do not count.
 
-Every random draw of a step comes from a generator seeded by (seed, epoch, batch index, rank), so a run
-resumed from a checkpoint replays exactly the draws of the uninterrupted run.
+Every random draw of a step comes from two generators seeded by (seed, epoch, batch index, rank) and a stream
+tag, so a run resumed from a checkpoint replays exactly the draws of the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -22,20 +22,27 @@ from contgen.modules.optim import param_groups, warmup_then
 from contgen.samplers.masked import MaskedARSampler, gather_rows
 from contgen.samplers.schedules import MaskRatio, random_orders
 from contgen.utils.ema import EMA
+from contgen.utils.precision import check_sample_precision, sampling_autocast
 
-DEFAULT_OPTIM = dict(lr=None, blr=1e-4, betas=(0.9, 0.95), weight_decay=0.02, warmup_epochs=100, warmup_steps=None,
-                     schedule="constant", min_lr_ratio=0.0, head_lr_scale=1.0, ema_decay=0.9999)
+# The keys of ``optim``; their values (defaults included) come from the config (conf/train.yaml ``optim``).
+OPTIM_KEYS = frozenset({"lr", "blr", "betas", "weight_decay", "warmup_epochs", "warmup_steps", "schedule",
+                        "min_lr_ratio", "head_lr_scale", "ema_decay"})
+# Stream tags of the per-step generators: the host draw (mask count) must not repeat the device's first draws,
+# which it would on a CPU if both were seeded alike (then the mask ratio and image 0's order key coincide).
+_DEVICE_STREAM, _HOST_STREAM = 0, 1
 
 
 class TokenARModule(L.LightningModule):
     def __init__(self, tokenizer: nn.Module, backbone: Callable[..., nn.Module], head: Callable[..., nn.Module],
-                 sampler: MaskedARSampler, num_classes: int, optim: dict | None = None, mask_ratio_min: float = 0.7,
-                 seed: int = 0, compile: bool = False, config: dict | None = None):
+                 sampler: MaskedARSampler, num_classes: int, optim: dict, mask_ratio_min: float = 0.7,
+                 seed: int = 0, compile: bool = False, sample_precision: str = "auto", config: dict | None = None):
         super().__init__()
-        unknown = set(optim or {}) - set(DEFAULT_OPTIM)
-        if unknown:
-            raise ValueError(f"optim: unknown keys {sorted(unknown)}; known: {sorted(DEFAULT_OPTIM)}")
-        self.optim = {**DEFAULT_OPTIM, **(optim or {})}
+        unknown, missing = set(optim) - OPTIM_KEYS, OPTIM_KEYS - set(optim)
+        if unknown or missing:
+            raise ValueError(f"optim: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
+                             f"expected exactly {sorted(OPTIM_KEYS)}")
+        self.optim = dict(optim)
+        self.sample_precision = check_sample_precision(sample_precision)
         self.tokenizer = tokenizer
         bb = backbone(seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim, num_classes=num_classes)
         self.net = nn.ModuleDict({"backbone": bb, "head": head(token_dim=tokenizer.token_dim, cond_dim=bb.cond_dim)})
@@ -54,9 +61,10 @@ class TokenARModule(L.LightningModule):
 
     # --- randomness -------------------------------------------------------------------------------
     def step_generators(self, batch_idx: int) -> tuple[torch.Generator, torch.Generator]:
-        """(device generator, CPU generator) for one step; CPU draws decide shapes (mask count)."""
-        seed = hash((self.seed, self.current_epoch, batch_idx, self.global_rank)) & (2**62 - 1)
-        return torch.Generator(self.device).manual_seed(seed), torch.Generator().manual_seed(seed)
+        """(device generator, CPU generator) for one step, independent streams; CPU draws decide shapes (mask count)."""
+        key = (self.seed, self.current_epoch, batch_idx, self.global_rank)
+        device_seed, host_seed = (hash((*key, stream)) & (2**62 - 1) for stream in (_DEVICE_STREAM, _HOST_STREAM))
+        return torch.Generator(self.device).manual_seed(device_seed), torch.Generator().manual_seed(host_seed)
 
     # --- training ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -65,8 +73,9 @@ class TokenARModule(L.LightningModule):
             m = batch["moments"]
             flip = torch.rand(m.shape[0], generator=generator, device=m.device) < 0.5
             moments = torch.where(flip[:, None, None], m[:, 1], m[:, 0])
-        else:
-            moments = self.tokenizer.moments(batch["image"])
+        else:  # the references encode in fp32, outside the training autocast (engine_mar.py:62-68)
+            with torch.autocast(batch["image"].device.type, enabled=False):
+                moments = self.tokenizer.moments(batch["image"].float())
         return self.tokenizer.sample(moments, generator)
 
     def masked_loss(self, tokens: torch.Tensor, labels: torch.Tensor, g: torch.Generator, g_cpu: torch.Generator):
@@ -111,7 +120,9 @@ class TokenARModule(L.LightningModule):
         groups = param_groups(self.net.backbone, self.net.head, o["weight_decay"], o["head_lr_scale"])
         for g in groups:
             g["lr"] = lr * g["lr_scale"]
-        fused = self.device.type == "cuda"
+        # A fused AdamW unscales fp16 gradients itself, which Lightning's GradScaler path refuses to clip: fp16-mixed
+        # (the references' setting) takes the foreach AdamW, the same update.
+        fused = self.device.type == "cuda" and trainer.precision != "16-mixed"
         opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o["betas"]), fused=fused, foreach=None if fused else True)
         total = int(trainer.estimated_stepping_batches)
         if o["warmup_steps"] is not None:
@@ -139,8 +150,11 @@ class TokenARModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, generator: torch.Generator | None = None, use_ema: bool = True,
                  sampler: MaskedARSampler | None = None) -> torch.Tensor:
-        """Images in [-1, 1] for ``labels``, from the EMA weights by default."""
-        return self.tokenizer.decode(self.generate_tokens(labels, generator, use_ema, sampler)).clamp(-1, 1)
+        """Images in [-1, 1] (fp32) for ``labels``, from the EMA weights by default, sampled and decoded under
+        ``sample_precision`` (as the references decode inside their fp16 autocast, engine_mar.py:155-159)."""
+        with sampling_autocast(self.sample_precision, self.device):
+            images = self.tokenizer.decode(self.generate_tokens(labels, generator, use_ema, sampler))
+        return images.float().clamp(-1, 1)
 
     # --- checkpoints ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

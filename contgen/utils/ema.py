@@ -14,7 +14,7 @@ from torch import nn
 
 
 class EMA(nn.Module):
-    """Holds ``shadow``, a frozen copy of ``model``; buffers are copied, not averaged."""
+    """Holds ``shadow``, a frozen copy of ``model``; persistent buffers are copied, not averaged."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999):
         super().__init__()
@@ -22,6 +22,10 @@ class EMA(nn.Module):
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.shadow = copy.deepcopy(model).requires_grad_(False).eval()
+        # Only buffers in the state dict may change in training; non-persistent ones (noise schedules, timestep
+        # maps) are constants built from the config, so copying them every step would be wasted bandwidth.
+        state = model.state_dict(keep_vars=True)
+        self._state_buffers = [name for name, _ in model.named_buffers() if name in state]
 
     def train(self, mode: bool = True) -> "EMA":  # the shadow never trains (dropout off when sampling)
         return super().train(False)
@@ -31,5 +35,6 @@ class EMA(nn.Module):
         ema = [p for p in self.shadow.parameters()]
         cur = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema, cur, 1.0 - self.decay)
-        for b_ema, b in zip(self.shadow.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        if self._state_buffers:
+            mine, theirs = dict(self.shadow.named_buffers()), dict(model.named_buffers())
+            torch._foreach_copy_([mine[n] for n in self._state_buffers], [theirs[n] for n in self._state_buffers])

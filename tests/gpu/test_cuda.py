@@ -12,6 +12,7 @@ from contgen.heads.energy import EnergyHead
 from contgen.modules.token_ar import TokenARModule
 from contgen.samplers.masked import MaskedARSampler
 from contgen.tokenizers.patch import PatchTokenizer
+from tests.helpers import train_optim
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -29,7 +30,7 @@ MODELS = {
 def test_bf16_steps_and_sampling_on_cuda(method, compile):
     backbone, head = MODELS[method]
     module = TokenARModule(PatchTokenizer(32, 4), backbone, head, MaskedARSampler(num_iter=8, cfg=3.0), num_classes=10,
-                           compile=compile).cuda()
+                           optim=train_optim(), compile=compile).cuda()
     opt = torch.optim.AdamW(module.net.parameters(), lr=1e-3, fused=True)
     batch = {"image": torch.rand(32, 3, 32, 32, device="cuda") * 2 - 1, "label": torch.randint(0, 10, (32,), device="cuda")}
     for step in range(4):  # several steps: the mask ratio (and so the shapes) change between them
@@ -40,7 +41,7 @@ def test_bf16_steps_and_sampling_on_cuda(method, compile):
         opt.step(), opt.zero_grad()
         module.ema.update(module.net)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        a = module.generate(torch.arange(4, device="cuda"), generator=torch.Generator("cuda").manual_seed(0))
-        b = module.generate(torch.arange(4, device="cuda"), generator=torch.Generator("cuda").manual_seed(0))
-    assert a.shape == (4, 3, 32, 32) and torch.isfinite(a).all() and torch.equal(a, b)
+    # sample_precision "auto" = bf16 autocast on CUDA, inside generate
+    a = module.generate(torch.arange(4, device="cuda"), generator=torch.Generator("cuda").manual_seed(0))
+    b = module.generate(torch.arange(4, device="cuda"), generator=torch.Generator("cuda").manual_seed(0))
+    assert a.dtype == torch.float32 and a.shape == (4, 3, 32, 32) and torch.isfinite(a).all() and torch.equal(a, b)

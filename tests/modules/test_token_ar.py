@@ -15,7 +15,11 @@ from contgen.heads.energy import EnergyHead
 from contgen.modules.optim import param_groups, warmup_then
 from contgen.modules.token_ar import TokenARModule
 from contgen.samplers.masked import MaskedARSampler
+from contgen.samplers.schedules import mask_from_order, random_orders
+from contgen.tokenizers.kl16 import KLTokenizer
 from contgen.tokenizers.patch import PatchTokenizer
+from contgen.utils.ema import EMA
+from tests.helpers import train_optim
 
 BACKBONES = {
     "mar": functools.partial(MARBackbone, encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
@@ -28,10 +32,10 @@ HEADS = {
 }
 
 
-def make(backbone="mar", head="diffusion", **kw):
+def make(backbone="mar", head="diffusion", optim=None, **kw):
     torch.manual_seed(0)
     return TokenARModule(PatchTokenizer(16, 4), BACKBONES[backbone], HEADS[head], MaskedARSampler(num_iter=4, cfg=2.0),
-                         num_classes=12, **kw)
+                         num_classes=12, optim=train_optim(**(optim or {})), **kw)
 
 
 @pytest.mark.parametrize("backbone", ["mar", "ear"])
@@ -85,3 +89,73 @@ def test_ema_updates_once_per_optimizer_step_under_accumulation(tmp_path):
 def test_unknown_optim_key_is_a_clear_error():
     with pytest.raises(ValueError, match="optim: unknown keys"):
         make(optim={"learning_rate": 1e-3})
+
+
+def test_step_streams_are_independent_on_the_cpu():
+    """Issue 6 defect 3: with one seed for the CPU (mask count) and device (order, noise) generators, a CPU run drew
+    the mask ratio and image 0's first order key from the same number, so image 0's position 0 was masked with
+    probability 1.000. Over 400 steps, P(masked) = E[ceil(L r)]/L ≈ 0.87 for every position; its binomial standard
+    error is sqrt(.87·.13/400) ≈ 0.017, so ±0.07 (> 4 s.e.) fails by chance with probability < 1e-4."""
+    module = make("mar", "diffusion")
+    seq_len, hits = 16, torch.zeros(2, 16)
+    for step in range(400):
+        g, g_cpu = module.step_generators(step)
+        num_masked = module.mask_ratio.num_masked(seq_len, g_cpu)
+        order = random_orders(2, seq_len, g)
+        hits += mask_from_order(order, num_masked).float()
+    expected = module.mask_ratio.dist.mean()  # of r; ceil adds < 1/L
+    freq = hits / 400
+    assert (freq - expected).abs().max() < 0.07 + 1 / seq_len, freq
+
+
+def test_uncached_images_are_encoded_in_fp32_under_the_training_autocast():
+    """Issue 6 defect 4: the references encode images outside their autocast (engine_mar.py:62-68)."""
+    module = make("mar", "diffusion")
+    module.tokenizer = KLTokenizer(None, ch=32, image_size=32, random_init=True)
+    batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1}
+    expected = module.tokenizer.moments(batch["image"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        moments = module.tokens_from_batch(batch, torch.Generator().manual_seed(0))
+    fp32 = module.tokens_from_batch(batch, torch.Generator().manual_seed(0))
+    assert moments.dtype == torch.float32 and torch.equal(moments, fp32)
+    assert torch.equal(module.tokenizer.sample(expected, torch.Generator().manual_seed(0)), fp32)
+
+
+def test_sample_precision_runs_sampling_under_autocast_and_checks_its_value():
+    """Issue 6 defect 5: module.sample_precision picks the autocast of generate(); fp32 is exact, bf16 rounds."""
+    labels, images = torch.tensor([0, 5]), {}
+
+    def generate(**kw):
+        module = make("mar", "diffusion", **kw)
+        with torch.no_grad():  # the zero-initialised output layers would make every precision give ε̂ = 0
+            for p in module.net.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        return module.generate(labels, generator=torch.Generator().manual_seed(0), use_ema=False)
+
+    for precision in ("fp32", "bf16"):
+        images[precision] = generate(sample_precision=precision)
+        assert images[precision].dtype == torch.float32
+    auto = generate()
+    assert torch.equal(auto, images["fp32"])  # auto = fp32 on the CPU
+    assert not torch.equal(images["bf16"], images["fp32"])  # the autocast region is really entered
+    with pytest.raises(ValueError, match="module.sample_precision"):
+        make("mar", "diffusion", sample_precision="half")
+
+
+def test_ema_copies_only_state_buffers():
+    """Issue 6 defect 9: the head's noise schedules are constant (non-persistent) buffers; EMA must not copy them
+    every step, but a buffer in the state dict (e.g. BatchNorm statistics) is still copied."""
+    module = make("mar", "diffusion")
+    assert module.ema._state_buffers == []
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(net, 0.5)
+    net(torch.randn(8, 2) * 3 + 1)
+    ema.update(net)
+    assert "1.running_mean" in ema._state_buffers
+    assert torch.equal(ema.shadow[1].running_mean, net[1].running_mean)
+
+
+def test_optim_keys_are_checked_against_the_config():
+    with pytest.raises(ValueError, match=r"missing keys \['blr'\]"):
+        TokenARModule(PatchTokenizer(16, 4), BACKBONES["mar"], HEADS["diffusion"], MaskedARSampler(), num_classes=12,
+                      optim={k: v for k, v in train_optim().items() if k != "blr"})

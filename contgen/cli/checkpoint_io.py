@@ -24,12 +24,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location)
 
 
-def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
-    """``torch.load(weights_only=True)``: contgen checkpoints hold tensors and plain containers only."""
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: contgen checkpoints hold tensors and plain containers only. ``mmap`` maps
+    the tensors instead of reading them (to look at the stored config of a large file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (set ckpt / ckpt_path to a .ckpt written by train.py)")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:

@@ -8,11 +8,39 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from contgen.cli.build import build_datamodule, build_module, data_info
-from contgen.cli.checkpoint_io import AtomicCheckpointIO, resolve_ckpt_path
+from contgen.callbacks.new_stage import NewStage
+from contgen.cli.checkpoint_io import AtomicCheckpointIO, load_checkpoint, resolve_ckpt_path
 from contgen.cli.config import instantiate_group, print_config
+
+RESUME_MODES = ("exact", "new_stage")
+
+
+def check_resume(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """Before any compute: ``resume_mode`` is known, a new stage has a checkpoint, and an exact resume does not
+    silently drop a changed ``optim`` (Lightning restores the checkpoint's lr, betas and schedule)."""
+    if cfg.resume_mode not in RESUME_MODES:
+        raise ValueError(f"resume_mode must be one of {RESUME_MODES}, got {cfg.resume_mode!r}")
+    if ckpt_path is None:
+        if cfg.resume_mode == "new_stage":
+            raise ValueError("resume_mode=new_stage starts from a checkpoint: set ckpt_path=/path/to/stage1.ckpt")
+        return
+    if cfg.resume_mode == "exact":
+        stored = load_checkpoint(ckpt_path, mmap=True).get("contgen", {}).get("config", {}).get("optim", {})
+        current = OmegaConf.to_container(cfg.optim, resolve=True)
+        changed = sorted(k for k in current.keys() | stored.keys() if _plain(current.get(k)) != _plain(stored.get(k)))
+        if stored and changed:
+            diffs = ", ".join(f"optim.{k}: checkpoint {stored.get(k)!r} vs config {current.get(k)!r}" for k in changed)
+            raise ValueError(f"ckpt_path={ckpt_path} is resumed exactly (resume_mode=exact), which restores the "
+                             f"checkpoint's optimizer and LR schedule, but the config changes them ({diffs}). Undo the "
+                             "change to continue the same run, or set resume_mode=new_stage to start a new stage "
+                             "with this recipe (weights, EMA and optimizer moments carried over).")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -42,9 +70,12 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule.num_classes, data_info(datamodule.train_set))
     loggers = build_loggers(cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks), logger=loggers or False,
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, str(out))
+    check_resume(cfg, ckpt_path)
+    callbacks = instantiate_group(cfg.callbacks) + ([NewStage()] if cfg.resume_mode == "new_stage" else [])
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, str(out)))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     results = {"train/loss": float(trainer.callback_metrics["train/loss"])} if "train/loss" in trainer.callback_metrics else {}
     if cfg.evaluate_after_fit and trainer.is_global_zero:
         from contgen.cli.evaluate import evaluate_module

@@ -158,4 +158,5 @@ def test_ear_recipe_values():
     assert (cfg.sampler.num_iter, cfg.sampler.cfg, cfg.sampler.cfg_schedule, cfg.sampler.temperature) == (64, 3.0, "linear", 0.7)
     ft = compose_train("experiment=ear_base_in256_ft")
     assert ft.loss.train_temperature == 0.99 and ft.optim.blr == 7e-5 and ft.trainer.max_epochs == 800
+    assert ft.resume_mode == "new_stage"  # the fine-tune is a new stage: its lr takes effect
     assert (ft.model.depth, ft.loss.depth, ft.loss.width) == (24, 6, 1024)

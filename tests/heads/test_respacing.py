@@ -1,5 +1,5 @@
 """Respaced sampling steps equal the reference's ``space_timesteps`` for every count (fixture made by the
-reference code itself: tests/fixtures/make_respacing_fixture.py)."""
+reference code itself: tests/fixtures/make_reference_fixtures.py)."""
 
 from pathlib import Path
 

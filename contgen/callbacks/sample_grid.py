@@ -17,6 +17,12 @@ class SampleGrid(L.Callback):
                  out_dir: str = "samples", use_ema: bool = True, at_end: bool = True):
         self.every_n_steps, self.classes, self.per_class = every_n_steps, classes, per_class
         self.seed, self.out_dir, self.use_ema, self.at_end = seed, out_dir, use_ema, at_end
+        if every_n_steps < 0 or per_class < 1:
+            raise ValueError(f"callbacks.sample_grid: every_n_steps must be >= 0 and per_class >= 1, got "
+                             f"{every_n_steps} and {per_class}")
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        self.labels(pl_module.net.backbone.num_classes, "cpu")  # bad classes fail before training, not after it
 
     def labels(self, num_classes: int, device) -> torch.Tensor:
         classes = self.classes if self.classes is not None else list(range(min(num_classes, 16)))

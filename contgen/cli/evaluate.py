@@ -23,6 +23,15 @@ from contgen.utils.images import save_grid, save_npz, to_uint8
 BUILTIN = {"contgen.data.shapes.Shapes": "shapes", "contgen.data.digits.Digits": "digits"}
 
 
+def check_metrics(m: DictConfig) -> None:
+    for key in ("num_samples", "batch_size"):
+        if m[key] < 1:
+            raise ValueError(f"metrics.{key} must be >= 1, got {m[key]}")
+    if m.inception_weights and not Path(m.inception_weights).is_file():
+        raise FileNotFoundError(f"metrics.inception_weights: no file at {m.inception_weights} (torch-fidelity's "
+                                "weights-inception-2015-12-05-6726825d.pth)")
+
+
 def generate_balanced(module, num_samples: int, batch_size: int, seed: int, use_ema: bool = True):
     """``num_samples`` images, labels cycling over the classes; one generator for the whole set."""
     labels = torch.arange(num_samples, device=module.device) % module.net.backbone.num_classes
@@ -94,6 +103,7 @@ def evaluate_module(module, cfg: DictConfig | dict, dataset=None, out_dir: str |
 def evaluate(cfg: DictConfig) -> dict:
     from contgen.cli.load import load_module
 
+    check_metrics(cfg.metrics)
     overrides = {f"sampler.{k}": v for k, v in OmegaConf.to_container(cfg.sampler).items()}
     overrides["tokenizer.ckpt_path"] = cfg.tokenizer_ckpt_path
     overrides["module.sample_precision"] = cfg.precision

@@ -12,6 +12,11 @@ from contgen.utils.images import save_grid, save_npz
 
 
 def sample(cfg: DictConfig) -> list[Path]:
+    for key in ("batch_size", "per_class"):
+        if cfg[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
+    if not cfg.seeds:
+        raise ValueError("seeds must list at least one seed, e.g. seeds=[0]")
     overrides = {f"sampler.{k}": v for k, v in OmegaConf.to_container(cfg.sampler).items()}
     overrides["tokenizer.ckpt_path"] = cfg.tokenizer_ckpt_path
     overrides["module.sample_precision"] = cfg.precision

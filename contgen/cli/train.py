@@ -11,9 +11,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from contgen.cli.build import build_datamodule, build_module, data_info
+from contgen.callbacks.final_checkpoint import FinalCheckpoint
 from contgen.callbacks.new_stage import NewStage
 from contgen.cli.checkpoint_io import AtomicCheckpointIO, load_checkpoint, resolve_ckpt_path
 from contgen.cli.config import instantiate_group, print_config
+from contgen.cli.run_dir import claim_run_dir
 
 RESUME_MODES = ("exact", "new_stage")
 
@@ -37,6 +39,22 @@ def check_resume(cfg: DictConfig, ckpt_path: str | None) -> None:
                              f"checkpoint's optimizer and LR schedule, but the config changes them ({diffs}). Undo the "
                              "change to continue the same run, or set resume_mode=new_stage to start a new stage "
                              "with this recipe (weights, EMA and optimizer moments carried over).")
+
+
+def check_length_and_metrics(cfg: DictConfig, batches_per_epoch: int) -> None:
+    """Before any compute: a run that trains at all, a ``max_steps`` that is reached, metrics that can be computed."""
+    t = cfg.trainer
+    if t.max_steps == 0 or t.max_epochs == 0:
+        raise ValueError(f"trainer.max_steps={t.max_steps}, trainer.max_epochs={t.max_epochs}: nothing would be trained")
+    steps_per_epoch = batches_per_epoch // max(1, t.accumulate_grad_batches)
+    if t.max_steps > 0 and t.max_epochs is not None and t.max_epochs > 0 and t.max_steps > t.max_epochs * steps_per_epoch:
+        print(f"note: trainer.max_steps={t.max_steps} is not reached: trainer.max_epochs={t.max_epochs} ends training "
+              f"after {t.max_epochs * steps_per_epoch} steps ({steps_per_epoch} per epoch); set trainer.max_epochs=-1 "
+              "to train for max_steps")
+    if cfg.evaluate_after_fit:
+        from contgen.cli.evaluate import check_metrics
+
+        check_metrics(cfg.metrics)
 
 
 def _plain(value):
@@ -65,14 +83,19 @@ def _wandb_credentials() -> bool:
 
 def train(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, str(out))
+    claim_run_dir(out, resuming=cfg.ckpt_path not in (None, ""))
+    check_resume(cfg, ckpt_path)
     print_config(cfg, save_to=out / "config.yaml")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
+    world = (t.devices if isinstance((t := cfg.trainer).devices, int) and t.devices > 0 else 1) * (t.num_nodes or 1)
+    check_length_and_metrics(cfg, len(datamodule.train_set) // (datamodule.batch_size * world))
     module = build_module(cfg, datamodule.num_classes, data_info(datamodule.train_set))
     loggers = build_loggers(cfg)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, str(out))
-    check_resume(cfg, ckpt_path)
-    callbacks = instantiate_group(cfg.callbacks) + ([NewStage()] if cfg.resume_mode == "new_stage" else [])
+    # FinalCheckpoint first: last.ckpt is written before anything else at the end of training can fail
+    callbacks = [FinalCheckpoint(), *instantiate_group(cfg.callbacks)]
+    callbacks += [NewStage()] if cfg.resume_mode == "new_stage" else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

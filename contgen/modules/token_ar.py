@@ -20,7 +20,7 @@ from torch import nn
 
 from contgen.modules.optim import param_groups, warmup_then
 from contgen.samplers.masked import MaskedARSampler, gather_rows
-from contgen.samplers.schedules import MaskRatio, random_orders
+from contgen.samplers.schedules import MaskRatio, cosine_mask_schedule, random_orders
 from contgen.utils.ema import EMA
 from contgen.utils.precision import check_sample_precision, sampling_autocast
 
@@ -42,15 +42,19 @@ class TokenARModule(L.LightningModule):
             raise ValueError(f"optim: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
                              f"expected exactly {sorted(OPTIM_KEYS)}")
         self.optim = dict(optim)
+        warmup_then(1, 0, 2, self.optim["schedule"], self.optim["min_lr_ratio"])  # an unknown schedule fails now
         self.sample_precision = check_sample_precision(sample_precision)
         self.tokenizer = tokenizer
         bb = backbone(seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim, num_classes=num_classes)
         self.net = nn.ModuleDict({"backbone": bb, "head": head(token_dim=tokenizer.token_dim, cond_dim=bb.cond_dim)})
         self.ema = EMA(self.net, self.optim["ema_decay"])
         self.sampler = sampler
+        cosine_mask_schedule(tokenizer.seq_len, sampler.num_iter)  # num_iter within [1, seq_len], before training
         self.mask_ratio = MaskRatio(low=mask_ratio_min)
         self.seed, self.config = seed, config or {}
+        # flags set on the device and read on the host only every log interval (no sync per step)
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.register_buffer("_bad_data", torch.zeros((), dtype=torch.bool), persistent=False)
         if compile:
             # Only what has static shapes: the blocks over the full sequence (MAR's decoder, EAR's stack; L + buffer
             # tokens) and the head MLP (rows vary with the mask ratio: dynamic). MAR's encoder sees L − num_masked
@@ -90,8 +94,10 @@ class TokenARModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         g, g_cpu = self.step_generators(batch_idx)
-        loss = self.masked_loss(self.tokens_from_batch(batch, g), batch["label"], g, g_cpu)
-        self._nonfinite |= ~torch.isfinite(loss.detach())  # checked on the host only every log interval
+        tokens = self.tokens_from_batch(batch, g)
+        self._bad_data |= ~torch.isfinite(tokens).all()  # a NaN in the data is not the learning rate's fault
+        loss = self.masked_loss(tokens, batch["label"], g, g_cpu)
+        self._nonfinite |= ~torch.isfinite(loss.detach())
         self.log("train/loss", loss, prog_bar=True)
         for k, v in getattr(self.net.head, "last_metrics", {}).items():
             self.log(f"train/{k}", v)
@@ -106,6 +112,11 @@ class TokenARModule(L.LightningModule):
             self.check_finite()
 
     def check_finite(self) -> None:
+        if self._bad_data.item():
+            raise FloatingPointError(
+                f"non-finite values in the training data (tokens) at or before epoch {self.current_epoch}, global step "
+                f"{self.global_step}: check the data (data.root, or the token cache: rebuild it with cache_tokens.py); "
+                "stopped without saving, the last good checkpoint is kept")
         if self._nonfinite.item():
             raise FloatingPointError(
                 f"non-finite training loss at or before epoch {self.current_epoch}, global step {self.global_step}; "

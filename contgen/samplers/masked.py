@@ -28,6 +28,9 @@ class MaskedARSampler:
     def __init__(self, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0):
         if cfg_schedule not in ("linear", "constant"):
             raise ValueError(f"sampler.cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
+        for key, value in (("num_iter", num_iter), ("cfg", cfg), ("temperature", temperature)):
+            if value < (1 if key == "num_iter" else 0):
+                raise ValueError(f"sampler.{key} must be >= {1 if key == 'num_iter' else 0}, got {value}")
         self.num_iter, self.cfg, self.cfg_schedule, self.temperature = num_iter, cfg, cfg_schedule, temperature
 
     @torch.no_grad()

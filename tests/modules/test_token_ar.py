@@ -32,9 +32,10 @@ HEADS = {
 }
 
 
-def make(backbone="mar", head="diffusion", optim=None, **kw):
+def make(backbone="mar", head="diffusion", optim=None, sampler_num_iter=4, **kw):
     torch.manual_seed(0)
-    return TokenARModule(PatchTokenizer(16, 4), BACKBONES[backbone], HEADS[head], MaskedARSampler(num_iter=4, cfg=2.0),
+    return TokenARModule(PatchTokenizer(16, 4), BACKBONES[backbone], HEADS[head],
+                         MaskedARSampler(num_iter=sampler_num_iter, cfg=2.0),
                          num_classes=12, optim=train_optim(**(optim or {})), **kw)
 
 

@@ -26,7 +26,7 @@ from contgen.utils.precision import check_sample_precision, sampling_autocast
 
 # The keys of ``optim``; their values (defaults included) come from the config (conf/train.yaml ``optim``).
 OPTIM_KEYS = frozenset({"lr", "blr", "betas", "weight_decay", "warmup_epochs", "warmup_steps", "schedule",
-                        "min_lr_ratio", "head_lr_scale", "ema_decay"})
+                        "min_lr_ratio", "head_lr_scale", "ema_decay", "ema_warmup"})
 # Stream tags of the per-step generators: the host draw (mask count) must not repeat the device's first draws,
 # which it would on a CPU if both were seeded alike (then the mask ratio and image 0's order key coincide).
 _DEVICE_STREAM, _HOST_STREAM = 0, 1
@@ -47,7 +47,7 @@ class TokenARModule(L.LightningModule):
         self.tokenizer = tokenizer
         bb = backbone(seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim, num_classes=num_classes)
         self.net = nn.ModuleDict({"backbone": bb, "head": head(token_dim=tokenizer.token_dim, cond_dim=bb.cond_dim)})
-        self.ema = EMA(self.net, self.optim["ema_decay"])
+        self.ema = EMA(self.net, self.optim["ema_decay"], self.optim["ema_warmup"])
         self.sampler = sampler
         cosine_mask_schedule(tokenizer.seq_len, sampler.num_iter)  # num_iter within [1, seq_len], before training
         self.mask_ratio = MaskRatio(low=mask_ratio_min)

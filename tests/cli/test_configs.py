@@ -148,12 +148,14 @@ def test_paper_recipe_values():
     assert cfg.sampler.cfg == 3.0 and cfg.sampler.cfg_schedule == "linear" and cfg.loss.num_sampling_steps == 100
     assert cfg.optim.warmup_epochs == 100 and cfg.optim.schedule == "constant" and list(cfg.optim.betas) == [0.9, 0.95]
     assert cfg.model.attn_dropout == 0.1 and cfg.model.label_drop_prob == 0.1 and cfg.module.mask_ratio_min == 0.7
+    assert cfg.optim.ema_decay == 0.9999 and cfg.optim.ema_warmup is False  # the reference averages from the init
 
 
 def test_ear_recipe_values():
     cfg = compose_train("experiment=ear_huge_in256")
     assert (cfg.model.depth, cfg.model.embed_dim, cfg.loss.depth, cfg.loss.width) == (40, 1280, 12, 1536)
     assert cfg.optim.head_lr_scale == 0.25 and cfg.optim.blr == 1e-4 and cfg.trainer.max_epochs == 750
+    assert cfg.optim.ema_warmup is False
     assert cfg.trainer.accumulate_grad_batches == 2 and cfg.loss.score_batch_mul == 2 and cfg.loss.train_temperature == 1.0
     assert (cfg.sampler.num_iter, cfg.sampler.cfg, cfg.sampler.cfg_schedule, cfg.sampler.temperature) == (64, 3.0, "linear", 0.7)
     ft = compose_train("experiment=ear_base_in256_ft")

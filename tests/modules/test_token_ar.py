@@ -160,3 +160,22 @@ def test_optim_keys_are_checked_against_the_config():
     with pytest.raises(ValueError, match=r"missing keys \['blr'\]"):
         TokenARModule(PatchTokenizer(16, 4), BACKBONES["mar"], HEADS["diffusion"], MaskedARSampler(), num_classes=12,
                       optim={k: v for k, v in train_optim().items() if k != "blr"})
+
+
+def test_ema_warmup_ramps_the_decay_and_resumes_where_it_was():
+    """decay_n = min(decay, (1 + n)/(10 + n)): the first update keeps 1/10 of the initial weights, not 99.5%."""
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = EMA(net, 0.995, warmup=True)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update(net)
+    assert ema.shadow.weight.item() == pytest.approx(0.9)
+    for _ in range(2000):
+        ema.update(net)
+    assert ema.current_decay() == 0.995
+    restored = EMA(net, 0.995, warmup=True)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.current_decay() == 0.995 and int(restored.num_updates) == 2001
+    assert EMA(net, 0.995).current_decay() == 0.995  # the references: no warm-up

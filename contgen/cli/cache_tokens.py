@@ -7,11 +7,13 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from contgen.cli.console import setup
 from contgen.cli.load import pick_device
 from contgen.data.cached import cache_tokens as write_cache
 
 
 def cache_tokens(cfg: DictConfig) -> Path:
+    setup(cfg.get("threads", "auto"), cfg.get("device", "auto"))
     train = OmegaConf.to_container(cfg.data.train, resolve=True)
     if "hflip" in train:
         train["hflip"] = False  # the cache stores both views itself; a random flip would corrupt view 0

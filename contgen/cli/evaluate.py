@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from contgen.cli.console import progress
 from contgen.metrics import (FeatureStats, InceptionFeatures, builtin_metrics, frechet_distance, inception_score,
                              load_or_compute_ref_stats, load_or_train_classifier, load_stats)
 from contgen.utils.images import save_grid, save_npz, to_uint8
@@ -36,7 +37,9 @@ def generate_balanced(module, num_samples: int, batch_size: int, seed: int, use_
     """``num_samples`` images, labels cycling over the classes; one generator for the whole set."""
     labels = torch.arange(num_samples, device=module.device) % module.net.backbone.num_classes
     g = torch.Generator(module.device).manual_seed(seed)
-    images = torch.cat([module.generate(chunk, generator=g, use_ema=use_ema).cpu() for chunk in labels.split(batch_size)])
+    chunks = labels.split(batch_size)
+    images = torch.cat([module.generate(chunk, generator=g, use_ema=use_ema).cpu()
+                        for chunk in progress(chunks, f"sampling {num_samples} images (batches)")])
     return images, labels.cpu()
 
 
@@ -57,20 +60,21 @@ def inception_scores(weights: str, ref_stats: str | None, images: torch.Tensor, 
                      device: torch.device) -> dict:
     net = InceptionFeatures(weights).to(device)
 
-    def features(batches):
+    def features(batches, what: str, total: int):
         stats, logits = FeatureStats(), []
-        for batch in batches:
+        for batch in progress(batches, f"Inception features of {what} (batches)", total):
             out = net(batch.to(device))
             stats.update(out["pool"].double().cpu())
             logits.append(out["logits"].cpu())
         return stats, torch.cat(logits)
 
-    fake, logits = features(to_uint8(images).split(batch_size))
+    chunks = to_uint8(images).split(batch_size)
+    fake, logits = features(chunks, "the samples", len(chunks))
     if ref_stats is not None:
         mu, sigma = load_stats(ref_stats)
     else:  # statistics of the training images themselves
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-        mu, sigma = features(to_uint8(b["image"]) for b in loader)[0].mu_sigma()
+        mu, sigma = features((to_uint8(b["image"]) for b in loader), "the data set", len(loader))[0].mu_sigma()
     is_mean, is_std = inception_score(logits, splits=min(10, len(images)))
     return {"fid": frechet_distance(*fake.mu_sigma(), mu, sigma), "is": is_mean, "is_std": is_std}
 
@@ -101,8 +105,10 @@ def evaluate_module(module, cfg: DictConfig | dict, dataset=None, out_dir: str |
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    from contgen.cli.console import setup
     from contgen.cli.load import load_module
 
+    setup(cfg.get("threads", "auto"), cfg.get("device", "auto"))
     check_metrics(cfg.metrics)
     overrides = {f"sampler.{k}": v for k, v in OmegaConf.to_container(cfg.sampler).items()}
     overrides["tokenizer.ckpt_path"] = cfg.tokenizer_ckpt_path

@@ -7,11 +7,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from contgen.cli.console import progress, setup
 from contgen.cli.load import load_module
 from contgen.utils.images import save_grid, save_npz
 
 
 def sample(cfg: DictConfig) -> list[Path]:
+    setup(cfg.get("threads", "auto"), cfg.get("device", "auto"))
     for key in ("batch_size", "per_class"):
         if cfg[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
@@ -30,8 +32,9 @@ def sample(cfg: DictConfig) -> list[Path]:
     out, written = Path(cfg.out_dir), []
     for seed in cfg.seeds:
         g = torch.Generator(module.device).manual_seed(int(seed))
+        chunks = labels.split(cfg.batch_size)
         images = torch.cat([module.generate(chunk, generator=g, use_ema=cfg.use_ema)
-                            for chunk in labels.split(cfg.batch_size)])
+                            for chunk in progress(chunks, f"seed {seed}: sampling {len(labels)} images (batches)")])
         written += [save_grid(images, out / f"samples_seed{seed}.png", nrow=cfg.per_class),
                     save_npz(images, labels, out / f"samples_seed{seed}.npz")]
     print("\n".join(f"wrote {p}" for p in written))

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from contgen.cli.build import build_datamodule, build_module, data_info
 from contgen.callbacks.final_checkpoint import FinalCheckpoint
 from contgen.callbacks.new_stage import NewStage
+from contgen.cli import console, sweep
 from contgen.cli.checkpoint_io import AtomicCheckpointIO, load_checkpoint, resolve_ckpt_path
 from contgen.cli.config import instantiate_group, print_config
 from contgen.cli.run_dir import claim_run_dir
@@ -71,6 +72,7 @@ def build_loggers(cfg: DictConfig) -> list:
             print("logger.wandb: no W&B credentials (WANDB_API_KEY / ~/.netrc) — logging offline; `wandb sync` later")
             os.environ.setdefault("WANDB_MODE", "offline")
         loggers.append(instantiate(conf))
+        console.quiet_wandb_logger(loggers[-1])
     return loggers
 
 
@@ -82,6 +84,7 @@ def _wandb_credentials() -> bool:
 
 
 def train(cfg: DictConfig) -> dict:
+    console.setup(cfg.get("threads", "auto"), cfg.trainer.get("accelerator"))
     out = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, str(out))
     claim_run_dir(out, resuming=cfg.ckpt_path not in (None, ""))
@@ -92,6 +95,7 @@ def train(cfg: DictConfig) -> dict:
     world = (t.devices if isinstance((t := cfg.trainer).devices, int) and t.devices > 0 else 1) * (t.num_nodes or 1)
     check_length_and_metrics(cfg, len(datamodule.train_set) // (datamodule.batch_size * world))
     module = build_module(cfg, datamodule.num_classes, data_info(datamodule.train_set))
+    console.check_train_mode(module)
     loggers = build_loggers(cfg)
     # FinalCheckpoint first: last.ckpt is written before anything else at the end of training can fail
     callbacks = [FinalCheckpoint(), *instantiate_group(cfg.callbacks)]
@@ -108,6 +112,8 @@ def train(cfg: DictConfig) -> dict:
             logger.log_metrics({f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))},
                                step=trainer.global_step)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    if trainer.is_global_zero and (job := sweep.hydra_sweep_job()) is not None:
+        print(f"sweep summary: {sweep.record_point(*job, results, out)}")
     for logger in loggers:
         logger.finalize("success")
     if any(type(lg).__name__ == "WandbLogger" for lg in loggers):

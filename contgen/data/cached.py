@@ -51,9 +51,9 @@ def cache_tokens(dataset: Dataset, tokenizer, out_dir: str | Path, batch_size: i
         shard_sizes.append(sum(len(b) for b in buffer))
         buffer.clear(), labels.clear()
 
-    from rich.progress import track
+    from contgen.cli.console import progress as track
 
-    for batch in (track(loader, description="caching tokens") if progress else loader):
+    for batch in (track(loader, f"caching tokens of {len(dataset)} images (batches)") if progress else loader):
         image = batch["image"].to(device)
         both = torch.stack([tokenizer.moments(image), tokenizer.moments(image.flip(-1))], dim=1)
         buffer.append(both.float().cpu().numpy())

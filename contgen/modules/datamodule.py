@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from contgen.data.sampling import EpochSampler
 
 
 class DataModule(L.LightningDataModule):
-    def __init__(self, train: Dataset, batch_size: int = 64, num_workers: int = 2, seed: int = 0, pin_memory: bool = True,
+    def __init__(self, train: Dataset, batch_size: int = 64, num_workers: int = 2, seed: int = 0, pin_memory: bool | None = None,
                  image_size: int | None = None, root: str | None = None):
         """``image_size`` and ``root`` are the user-facing keys the data set config interpolates
-        (``data.image_size``, ``data.root``); they are checked against the data set it built."""
+        (``data.image_size``, ``data.root``); they are checked against the data set it built. ``pin_memory``:
+        None = only when CUDA is there (pinned memory speeds up host-to-GPU copies and does nothing on a CPU run)."""
         super().__init__()
         if image_size is not None and getattr(train, "image_size", image_size) != image_size:
             raise ValueError(f"data.image_size={image_size} but the data set has image_size={train.image_size} "
@@ -23,6 +25,7 @@ class DataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if len(train) < batch_size:
             raise ValueError(f"data: the training set has {len(train)} samples, fewer than data.batch_size={batch_size}")
+        pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.train_set, self.batch_size, self.num_workers, self.seed, self.pin_memory = train, batch_size, num_workers, seed, pin_memory
         self.sampler = EpochSampler(len(train), seed)
 
@@ -36,7 +39,7 @@ class DataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # EpochSampler: the order of epoch e depends only on (seed, e), so a resumed run sees the same batches
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
                           num_workers=self.num_workers, drop_last=True, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 
@@ -52,3 +55,15 @@ class DataModule(L.LightningDataModule):
         consumed = state["batches_done"] * self.batch_size * self.trainer.world_size
         if 0 < consumed < len(self.train_set):
             self.sampler.resume_at(state["epoch"], consumed)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that tells Lightning it resumes mid-epoch. Lightning warns on every mid-epoch resume unless the
+    loader itself has ``state_dict``/``load_state_dict``; here the position is restored by
+    ``DataModule.load_state_dict`` (the sampler skips the consumed batches), so the loader has no state of its own."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

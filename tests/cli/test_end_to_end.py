@@ -29,7 +29,14 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_train_sample_evaluate(tmp_path, cache_dir):
     run = tmp_path / "run"
-    run_script("train.py", *TINY, "trainer.max_epochs=2", f"hydra.run.dir={run}", env={"CONTGEN_CACHE": cache_dir})
+    proc = run_script("train.py", *TINY, "trainer.max_epochs=2", f"hydra.run.dir={run}", env={"CONTGEN_CACHE": cache_dir})
+    console = proc.stdout + proc.stderr
+    assert console.count("Seed set to 0") == 1  # Lightning's INFO lines once (was: its handler and Hydra's)
+    assert f"config (full resolved config: {run / 'config.yaml'})" in console and "encoder_embed_dim: 32" not in console
+    for noise in ("litlogger", "module(s) in eval mode", "pin_memory", "already configured with model summary",
+                  "LeafSpec"):
+        assert noise not in console, noise
+    assert "sampling 24 images (batches): 1/1 done" in console
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and list((run / "samples").glob("step_*.png"))
     metrics = json.loads((run / "metrics.json").read_text())
@@ -71,7 +78,8 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert load_checkpoint(part / "checkpoints" / "last.ckpt")["global_step"] == 6
     before = losses(part)
     assert sorted(before) == list(range(7))
-    run_script("train.py", *common, "ckpt_path=last", f"hydra.run.dir={part}")
+    proc = run_script("train.py", *common, "ckpt_path=last", f"hydra.run.dir={part}")
+    assert "not resumable" not in proc.stdout + proc.stderr  # the DataModule resumes mid-epoch exactly
     reference, resumed = losses(full), {**before, **losses(part)}
     assert sorted(resumed) == sorted(reference) == list(range(16))
     assert all(resumed[s] == reference[s] for s in reference), (reference, resumed)
@@ -86,6 +94,12 @@ def test_multirun_two_points(tmp_path):
                f"hydra.sweep.dir={sweep}")
     for job in ("0", "1"):
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+    import csv
+
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))  # one row per point: the swept override, results
+    assert [(r["job"], float(r["optim.blr"])) for r in rows] == [("0", 1e-4), ("1", 1e-3)]
+    assert all(np.isfinite(float(r["train/loss"])) for r in rows)
+    assert (sweep / "summary.md").read_text().startswith("| job | optim.blr | train/loss |")
     blrs = {json.loads(json.dumps(load_checkpoint(sweep / j / "checkpoints" / "last.ckpt")["contgen"]["config"]["optim"]["blr"]))
             for j in ("0", "1")}
     assert blrs == {1e-4, 1e-3}

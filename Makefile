@@ -31,8 +31,8 @@ test-all:  ## everything that runs without a GPU
 test-gpu:  ## GPU checks (skip cleanly without one)
 	$(PY) -m pytest -m gpu -q
 
-bench:  ## GPU throughput / memory benchmarks, one JSON line per case
-	$(PY) bench/run.py
+bench:  ## GPU speed, one JSON line per case; REF=<dir holding mar/ and EAR/ checkouts> adds the reference, same run
+	$(PY) bench/mar_ear.py $(if $(REF),--reference-root $(REF),--sides contgen) $(BENCH_ARGS)
 
 clean:  ## remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache

@@ -1,141 +1,379 @@
-"""MAR-B / EAR-B throughput at the 256-px configuration on synthetic cached tokens, bf16.
+"""MAR-B / EAR-B speed at the 256-px configuration, contgen and (with ``--reference-root``) the reference code,
+in one process on one device, so every ratio compares numbers taken in the same run.
 
-One JSON line per case. Training runs contgen's real training step (``TokenARModule.masked_loss`` on
-posterior samples of cached moments, fused AdamW, grad clip 3.0, foreach EMA) in a plain loop; sampling
-runs ``TokenARModule.generate`` (EMA weights, masked sampler, KL-16 decode with random weights — control
-flow does not depend on the weights). Reference numbers (mar.md §6, ear.md §6, one H100 80GB) are
-printed beside ours.
+Cases (random weights, fixed seeds; the KL-16 decoder has random weights too — control flow does not depend on
+the values):
 
-    python bench/mar_ear.py                      # all cases
-    python bench/mar_ear.py --cases mar_train --compile
+* ``mar_train``  MAR-B training step, batch 128, cached-latent input;
+* ``ear_train``  EAR-B training step, batch 32 (the EAR README's per-GPU batch);
+* ``mar_sample`` MAR-B sampling, batch 256, 64 iterations, CFG 2.9 linear, temperature 1, 100 head steps,
+  incl. the KL-16 decode; ``mar_sample256``: the same at 256 iterations (the README's FID setting);
+* ``ear_sample`` EAR-B sampling, batch 128, 64 iterations, CFG 3.0 linear, infer temperature 0.7, incl. decode.
+
+contgen's training step is the module's own ``training_step`` (posterior sample of cached (view, flip) moments,
+one mask ratio per batch, head on the masked rows only) under autocast, then backward, clip 3.0, AdamW (fused
+for bf16; foreach for fp16 with a GradScaler, as ``configure_optimizers`` picks under ``16-mixed``) and the
+foreach EMA — Lightning's loop itself is not in the timed region. Sampling is ``TokenARModule.generate`` at
+``sample_precision`` (EMA weights). The reference side is described in ``bench/reference.py``.
+
+Protocol, both sides: ``--warmup`` training steps (more with ``--compile``) and one short sampling run
+(``--warmup-iter`` iterations, same batch, incl. decode) first; then ``--steps`` training steps or ``--repeats``
+sampling batches, each between two device synchronisations; mean and median are reported. Seeds are fixed.
+Each variant runs in a fresh process (``--isolate``, the default) so no variant inherits another's state.
+Global flags, identical for both sides: TF32 matmuls on, ``cudnn.benchmark`` on (as ``main_mar.py`` sets).
+
+    python bench/mar_ear.py --reference-root ~/src --out bench/results/h100.jsonl
+    python bench/mar_ear.py --cases mar_train --sides contgen --compile both
+    python bench/mar_ear.py --device cpu --tiny --reference-root ~/src   # smoke run of every code path
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from contgen.backbones.ear import EARBackbone
-from contgen.backbones.mar import MARBackbone
-from contgen.heads.diffusion import DiffusionHead
-from contgen.heads.energy import EnergyHead
-from contgen.modules.token_ar import TokenARModule
-from contgen.samplers.masked import MaskedARSampler
-from contgen.tokenizers.kl16 import KLTokenizer
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing contgen
 
-REFERENCE = {  # measured with the reference code on one H100 80GB
-    ("mar", "train", 128): {"img_per_s": 365, "peak_gib": 49.7, "note": "fp16+GradScaler, python EMA loop"},
-    ("mar", "train", 32): {"step_s": 0.244},
-    ("ear", "train", 32): {"step_s": 0.096},
-    ("mar", "sample", 256, 2.9, True): {"s_per_img": 0.169, "note": "incl. VAE decode"},
-    ("mar", "sample", 128, 3.0, False): {"s_per_img": 0.229, "note": "no decode"},
-    ("ear", "sample", 128, 3.0, False): {"s_per_img": 0.048, "note": "no decode"},
+from timing import Timer, summarize  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
+CASES = {
+    "mar_train": dict(method="mar", kind="train", batch=128),
+    "ear_train": dict(method="ear", kind="train", batch=32),
+    "mar_sample": dict(method="mar", kind="sample", batch=256, num_iter=64, cfg=2.9, temperature=1.0),
+    "mar_sample256": dict(method="mar", kind="sample", batch=256, num_iter=256, cfg=2.9, temperature=1.0),
+    "ear_sample": dict(method="ear", kind="sample", batch=128, num_iter=64, cfg=3.0, temperature=0.7),
 }
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def build(method: str, compile: bool, device: torch.device) -> TokenARModule:
-    tokenizer = KLTokenizer(ckpt_path=None, random_init=True, image_size=256)
+# --- contgen side ----------------------------------------------------------------------------------------
+def paper_optim(method: str) -> dict:
+    """conf/train.yaml's ``optim`` block with the paper recipe's values (speed does not depend on them)."""
+    import yaml
+
+    from contgen.modules import token_ar
+
+    optim = yaml.safe_load((ROOT / "conf" / "train.yaml").read_text())["optim"]
+    optim.update(lr=None, blr=1e-4, schedule="constant", ema_decay=0.9999,
+                 head_lr_scale=0.25 if method == "ear" else 1.0)
+    keys = getattr(token_ar, "OPTIM_KEYS", None)
+    return {k: v for k, v in optim.items() if keys is None or k in keys}
+
+
+def build_contgen(method: str, compile: bool, tiny: bool, device: torch.device):
+    from contgen.backbones.ear import EARBackbone
+    from contgen.backbones.mar import MARBackbone
+    from contgen.heads.diffusion import DiffusionHead
+    from contgen.heads.energy import EnergyHead
+    from contgen.modules.token_ar import TokenARModule
+    from contgen.samplers.masked import MaskedARSampler
+    from contgen.tokenizers.kl16 import KLTokenizer
+
+    tokenizer = KLTokenizer(ckpt_path=None, random_init=True, image_size=64 if tiny else 256)
+    w, d = (32, 1) if tiny else (1024, 6)
     if method == "mar":
-        backbone = functools.partial(MARBackbone, encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
-                                     decoder_embed_dim=768, decoder_depth=12, decoder_num_heads=12)
-        head = functools.partial(DiffusionHead, width=1024, depth=6, num_sampling_steps=100, batch_mul=4)
-        sampler = MaskedARSampler(num_iter=64, cfg=2.9, cfg_schedule="linear", temperature=1.0)
+        size = dict(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                    decoder_num_heads=2) if tiny else dict(encoder_embed_dim=768, encoder_depth=12,
+                                                           encoder_num_heads=12, decoder_embed_dim=768,
+                                                           decoder_depth=12, decoder_num_heads=12)
+        backbone = functools.partial(MARBackbone, **size)
+        head = functools.partial(DiffusionHead, width=w, depth=d, num_sampling_steps=5 if tiny else 100, batch_mul=4)
     else:
-        backbone = functools.partial(EARBackbone, embed_dim=768, depth=24, num_heads=12)
-        head = functools.partial(EnergyHead, width=1024, depth=6, noise_channels=64, score_batch_mul=2)
-        sampler = MaskedARSampler(num_iter=64, cfg=3.0, cfg_schedule="linear", temperature=0.7)
-    module = TokenARModule(tokenizer, backbone, head, sampler, num_classes=1000,
-                           optim={"head_lr_scale": 0.25 if method == "ear" else 1.0}, compile=compile)
+        size = dict(embed_dim=32, depth=1, num_heads=2) if tiny else dict(embed_dim=768, depth=24, num_heads=12)
+        backbone = functools.partial(EARBackbone, **size)
+        head = functools.partial(EnergyHead, width=w, depth=d, noise_channels=64, score_batch_mul=2)
+    module = TokenARModule(tokenizer, backbone, head, MaskedARSampler(num_iter=4), num_classes=1000,
+                           optim=paper_optim(method), compile=compile)
     return module.to(device)
 
 
-def sync_time(fn, device) -> float:
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+def contgen_train(module, batch: int, precision: str, warmup: int, steps: int, seed: int, device) -> dict:
+    import warnings
 
-
-def bench_train(module: TokenARModule, batch: int, steps: int, warmup: int, device) -> dict:
     from contgen.modules.optim import param_groups
 
-    groups = param_groups(module.net.backbone, module.net.head, 0.02, module.optim["head_lr_scale"])
-    opt = torch.optim.AdamW(groups, lr=8e-4, betas=(0.9, 0.95), fused=True)
+    o = module.optim
+    groups = param_groups(module.net.backbone, module.net.head, o["weight_decay"], o["head_lr_scale"])
+    for g in groups:
+        g["lr"] = 8e-4 * g["lr_scale"]
+    fused = device.type == "cuda" and precision != "fp16"  # TokenARModule.configure_optimizers' choice
+    opt = torch.optim.AdamW(groups, lr=8e-4, betas=tuple(o["betas"]), fused=fused, foreach=None if fused else True)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     params = [p for g in groups for p in g["params"]]
-    data = {"moments": torch.randn(batch, 2, 256, 32, device=device), "label": torch.randint(0, 1000, (batch,), device=device)}
+    gen = torch.Generator(device).manual_seed(seed)
+    seq_len, moment_dim = module.tokenizer.seq_len, 2 * module.tokenizer.token_dim
+    data = {"moments": torch.randn(batch, 2, seq_len, moment_dim, generator=gen, device=device),
+            "label": torch.randint(0, 1000, (batch,), generator=gen, device=device)}
     module.train()
+    timer = Timer(device)
 
     def step(i):
-        g, g_cpu = module.step_generators(i)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = module.masked_loss(module.tokens_from_batch(data, g), data["label"], g, g_cpu)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 3.0, foreach=True)
-        opt.step()
+        with torch.autocast(device.type, dtype=DTYPES[precision]):
+            loss = module.training_step(data, i)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 3.0, foreach=True)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 3.0, foreach=True)
+            opt.step()
         opt.zero_grad(set_to_none=True)
         module.ema.update(module.net)
 
-    for i in range(warmup):
+    def timed(i):
+        timer.sync()
+        t0 = time.perf_counter()
         step(i)
-    torch.cuda.reset_peak_memory_stats(device)
-    times = [sync_time(lambda: step(warmup + i), device) for i in range(steps)]
-    mean = sum(times) / len(times)
-    return {"step_s": round(mean, 4), "median_step_s": round(sorted(times)[len(times) // 2], 4),
-            "img_per_s": round(batch / mean, 1), "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+        timer.sync()
+        return time.perf_counter() - t0
+
+    with warnings.catch_warnings():  # self.log() without a Trainer warns once per key; nothing is logged
+        warnings.simplefilter("ignore")
+        for i in range(warmup):
+            step(i)
+        timer.sync()
+        timer.reset_peak()
+        times = [timed(warmup + i) for i in range(steps)]
+    return {**summarize(times, batch, "step"), "peak_gib": timer.peak_gib()}
 
 
-def bench_sample(module: TokenARModule, batch: int, cfg: float, decode: bool, repeats: int, device) -> dict:
-    module.sampler.cfg = cfg
-    labels = torch.randint(0, 1000, (batch,), device=device)
-    g = torch.Generator(device).manual_seed(0)
-    run = module.generate if decode else module.generate_tokens
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        sync_time(lambda: run(labels, generator=g), device)  # warm-up (and compile)
-        times = [sync_time(lambda: run(labels, generator=g), device) for _ in range(repeats)]
-    mean = sum(times) / len(times)
-    return {"batch_s": round(mean, 3), "s_per_img": round(mean / batch, 4)}
+@torch.no_grad()
+def contgen_sample(module, batch: int, num_iter: int, cfg: float, temperature: float, precision: str, repeats: int,
+                   warmup_iter: int, seed: int, device) -> dict:
+    """``module.generate`` (tokens + decode, under ``sample_precision``); the decoder is wrapped to record when
+    the tokens are done, which adds one synchronisation."""
+    from contgen.samplers.masked import MaskedARSampler
+
+    import contextlib
+
+    if hasattr(module, "sample_precision"):  # generate() applies it
+        module.sample_precision, own_autocast = precision, contextlib.nullcontext()
+    else:  # a contgen from before module.sample_precision: generate() had no autocast of its own
+        own_autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+    gen = torch.Generator(device).manual_seed(seed)
+    labels = torch.randint(0, 1000, (batch,), generator=gen, device=device)
+    timer, stamps = Timer(device), []
+    decode = module.tokenizer.decode
+
+    def stamped_decode(tokens):
+        timer.sync()
+        stamps.append(time.perf_counter())
+        return decode(tokens)
+
+    module.tokenizer.decode = stamped_decode
+    try:
+        def run(n_iter):
+            sampler = MaskedARSampler(num_iter=n_iter, cfg=cfg, cfg_schedule="linear", temperature=temperature)
+            timer.sync()
+            t0 = time.perf_counter()
+            with own_autocast:
+                images = module.generate(labels, generator=gen, sampler=sampler)
+            timer.sync()
+            assert images.shape[0] == batch
+            return time.perf_counter() - t0, stamps[-1] - t0
+
+        run(warmup_iter)
+        timer.reset_peak()
+        res = [run(num_iter) for _ in range(repeats)]
+    finally:
+        del module.tokenizer.decode
+    return {**summarize([r[0] for r in res], batch, "batch"),
+            "tokens_s_per_img": round(sum(r[1] for r in res) / len(res) / batch, 5), "peak_gib": timer.peak_gib()}
+
+
+# --- driver ------------------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict:
+    import timm
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    base = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "timm": timm.__version__, "date": time.strftime("%Y-%m-%d"), "run_id": os.environ.get("BENCH_RUN_ID") or time.strftime("%Y%m%dT%H%M%S")}
+    if os.environ.get("CONTGEN_COMMIT") or git("rev-parse", "--git-dir") is None:  # a copy on another machine
+        return {**base, "contgen_commit": os.environ.get("CONTGEN_COMMIT"),
+                "contgen_dirty": os.environ.get("CONTGEN_DIRTY")}
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "contgen", "conf")
+    return {**base, "contgen_commit": git("rev-parse", "--short", "HEAD"),
+            "contgen_dirty": [l.split(maxsplit=1)[-1] for l in dirty.splitlines()] if dirty else dirty}
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """contgen / reference throughput (img/s ÷ img/s for training, (s/img)⁻¹ ÷ (s/img)⁻¹ for sampling) for each
+    contgen row, against the reference at the same precision and at fp16 (the reference's own setting)."""
+    def speed(r):
+        return r.get("img_per_s") or (1.0 / r["s_per_img"] if r.get("s_per_img") else None)
+
+    ref = {(r["case"], r["precision"]): r for r in rows if r["side"] == "reference" and "error" not in r}
+    out = []
+    for r in rows:
+        if r["side"] != "contgen" or "error" in r:
+            continue
+        line = {k: r[k] for k in ("case", "gpu", "torch", "run_id", "precision", "compile")}
+        for name, key in (("speedup_same_precision", (r["case"], r["precision"])),
+                          ("speedup_vs_reference_fp16", (r["case"], "fp16"))):
+            if key in ref and speed(ref[key]) and speed(r):
+                line[name] = round(speed(r) / speed(ref[key]), 3)
+        if len(line) > 6:
+            out.append({"side": "ratio", **line})
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default="mar_train,mar_sample,ear_train,ear_sample")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--cases", default="mar_train,ear_train,mar_sample,ear_sample",
+                   help=f"comma-separated, from {sorted(CASES)}")
+    p.add_argument("--sides", default="contgen,reference", help="contgen,reference (reference needs --reference-root)")
+    p.add_argument("--reference-root", type=Path, default=None,
+                   help="folder holding the checkouts mar/ (LTH14/mar) and EAR/ (shaochenze/EAR)")
+    p.add_argument("--precisions", default="bf16,fp16", help="autocast dtypes, each case and side")
+    p.add_argument("--reference-precisions", default=None, help="for the reference side (default: --precisions)")
+    p.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                   help="contgen training with torch.compile (module compile=True); sampling is never compiled")
+    p.add_argument("--compile-precisions", default=None, help="precisions for the compiled runs (default: all)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=5, help="training warm-up steps (+10 when compiled)")
+    p.add_argument("--repeats", type=int, default=1, help="timed sampling batches per case and side")
+    p.add_argument("--repeats-256", type=int, default=1, help="timed batches for mar_sample256")
+    p.add_argument("--warmup-iter", type=int, default=4, help="iterations of the warm-up sampling run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny models at 64 px, batch 2 (a smoke test of every code path)")
+    p.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file too")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each variant in a fresh process (default): no compile caches, allocator state or "
+                        "Python heap of an earlier variant affect a later one")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/mar_ear.py needs a CUDA GPU")
-    device = torch.device("cuda")
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device (use --device cpu --tiny for a smoke run)")
+    sides = args.sides.split(",")
+    if "reference" in sides and args.reference_root is None:
+        raise SystemExit("--sides reference needs --reference-root DIR (DIR/mar = LTH14/mar, DIR/EAR = shaochenze/EAR)")
+    if device.type != "cuda":  # the reference hard-codes .cuda() and torch.cuda.synchronize(): CPU smoke runs only
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        torch.cuda.synchronize = lambda *a, **k: None
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    gpu = torch.cuda.get_device_name(device)
+    torch.backends.cudnn.benchmark = True
+    os.environ.setdefault("BENCH_RUN_ID", time.strftime("%Y%m%dT%H%M%S"))  # one id for a run and its children
+    env = environment(device)
+    precisions = args.precisions.split(",")
+    ref_precisions = args.reference_precisions.split(",") if args.reference_precisions else precisions
+    compiled = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    compile_precisions = args.compile_precisions.split(",") if args.compile_precisions else precisions
+    rows: list[dict] = []
+    out = open(args.out, "a") if args.out else None
+    if not args.child:
+        print(f"# {json.dumps(env)}", flush=True)
+
+    def run_isolated(case, side, precision, comp, out_path):
+        """This script again, for one variant only; its JSON lines are returned (and not written to --out)."""
+        argv, skip = [], False
+        for a in sys.argv[1:]:  # drop the selection options and --out; the rest (steps, root, ...) passes through
+            if skip:
+                skip = False
+                continue
+            name = a.split("=")[0]
+            if name in ("--cases", "--sides", "--precisions", "--reference-precisions", "--compile",
+                        "--compile-precisions", "--out"):
+                skip = "=" not in a
+                continue
+            argv.append(a)
+        argv += ["--cases", case, "--sides", side, "--precisions", precision, "--reference-precisions", precision,
+                 "--compile", "on" if comp else "off", "--no-isolate", "--child"]
+        proc = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True)
+        rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        if not rows:
+            rows = [{"case": case, "side": side, "precision": precision, "compile": comp, **env,
+                     "error": f"child process exited with {proc.returncode} and no result"}]
+        return rows
+
+    def emit(row):
+        rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    def free():
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     for case in args.cases.split(","):
-        method, kind = case.split("_")
-        torch.manual_seed(0)
-        module = build(method, args.compile, device)
-        if kind == "train":
-            for batch in (128, 32):
+        spec = {**CASES[case], **({"batch": 2, "num_iter": 4} if args.tiny and "num_iter" in CASES[case] else
+                                  {"batch": 2} if args.tiny else {})}
+        method, kind = spec["method"], spec["kind"]
+        for side in sides:
+            variants = ([(c, pr) for c in compiled for pr in (compile_precisions if c else precisions)]
+                        if side == "contgen" and kind == "train" else
+                        [(False, pr) for pr in (ref_precisions if side == "reference" else precisions)])
+            if side == "reference":  # the reference's own precision first
+                variants.sort(key=lambda v: v[1] != "fp16")
+            for comp, precision in variants:
+                base = {"case": case, "side": side, "precision": precision, "compile": comp, **env,
+                        **{k: v for k, v in spec.items() if k not in ("method", "kind")}}
+                if args.isolate:
+                    for row in run_isolated(case, side, precision, comp, args.out):
+                        emit({**row, "isolated": True})
+                    continue
+                t_start = time.perf_counter()
+                torch.manual_seed(args.seed)
+                model = None
                 try:
-                    res = bench_train(module, batch, args.steps, 5 + 10 * args.compile, device)
+                    if side == "contgen":
+                        model = build_contgen(method, comp, args.tiny, device)
+                        if kind == "train":
+                            res = contgen_train(model, spec["batch"], precision, args.warmup + 10 * comp, args.steps,
+                                                args.seed, device)
+                        else:
+                            res = contgen_sample(model, spec["batch"], spec["num_iter"], spec["cfg"],
+                                                 spec["temperature"], precision,
+                                                 args.repeats_256 if case == "mar_sample256" else args.repeats,
+                                                 args.warmup_iter, args.seed, device)
+                    else:
+                        from reference import RefModel
+
+                        model = RefModel(args.reference_root, method, args.tiny, device)
+                        base["reference_commit"] = model.commit
+                        if kind == "train":
+                            res = model.train(spec["batch"], precision, args.warmup, args.steps, args.seed)
+                        else:
+                            res = model.sample(spec["batch"], spec["num_iter"], spec["cfg"], spec["temperature"],
+                                               precision, args.repeats_256 if case == "mar_sample256" else args.repeats,
+                                               args.warmup_iter, args.seed)
                 except torch.OutOfMemoryError:
                     res = {"error": "out of memory"}
-                    torch.cuda.empty_cache()
-                print(json.dumps({"case": case, "gpu": gpu, "compile": args.compile, "batch": batch, **res,
-                                  "reference": REFERENCE.get((method, "train", batch))}), flush=True)
-        else:
-            cfg = 2.9 if method == "mar" else 3.0
-            for batch, guidance, decode in [(256, cfg, True), (128, 3.0, False)]:
-                res = bench_sample(module, batch, guidance, decode, args.repeats, device)
-                print(json.dumps({"case": case, "gpu": gpu, "compile": args.compile, "batch": batch, "cfg": guidance,
-                                  "num_iter": 64, "decode": decode, **res,
-                                  "reference": REFERENCE.get((method, "sample", batch, guidance, decode))}), flush=True)
-        del module
-        torch.cuda.empty_cache()
+                except Exception as e:  # one failing variant must not cost the rest of the (scarce) device call
+                    res = {"error": f"{type(e).__name__}: {e}"[:500]}
+                res["wall_s"] = round(time.perf_counter() - t_start, 1)
+                emit({**base, **res})
+                del model
+                free()
+    for r in ([] if args.child else ratios(rows)):
+        emit(r)
+    if out:
+        out.close()
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ class TokenARModule(L.LightningModule):
         for g in groups:
             g["lr"] = lr * g["lr_scale"]
         # A fused AdamW unscales fp16 gradients itself, which Lightning's GradScaler path refuses to clip: fp16-mixed
-        # (the references' setting) takes the foreach AdamW, the same update.
+        # (the references' setting) takes the foreach AdamW, the same update (see configure_gradient_clipping).
         fused = self.device.type == "cuda" and trainer.precision != "16-mixed"
         opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o["betas"]), fused=fused, foreach=None if fused else True)
         total = int(trainer.estimated_stepping_batches)
@@ -145,6 +145,18 @@ class TokenARModule(L.LightningModule):
             opt, lambda s: warmup_then(s, warmup, total, o["schedule"], o["min_lr_ratio"]))
         self.lr_info = dict(lr=lr, global_batch=global_batch, warmup_steps=warmup, total_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Global-norm clipping (the references' clip 3.0). Lightning's mixed-precision plugin refuses to clip for any
+        optimizer that could unscale gradients itself (a fused AdamW), also under bf16, where no GradScaler exists
+        and the gradients are already unscaled; so without a GradScaler the gradients are clipped here directly.
+        fp16-mixed goes through Lightning (unscale, then clip) with the foreach AdamW."""
+        if not gradient_clip_val:
+            return
+        if self.trainer.precision == "16-mixed" or gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
     # --- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()

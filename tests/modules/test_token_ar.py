@@ -179,3 +179,29 @@ def test_ema_warmup_ramps_the_decay_and_resumes_where_it_was():
     restored.load_state_dict(ema.state_dict())
     assert restored.current_decay() == 0.995 and int(restored.num_updates) == 2001
     assert EMA(net, 0.995).current_decay() == 0.995  # the references: no warm-up
+
+
+def test_gradient_clipping_under_bf16_mixed_with_a_fused_adamw(tmp_path):
+    """Lightning's mixed-precision plugin refuses to clip for a fused optimizer even under bf16 (no GradScaler), which
+    made every default GPU run (bf16-mixed, fused AdamW, clip 3.0) fail at its first step; the module clips itself.
+    On the CPU the fused kernel is forced here to reproduce the GPU's configuration."""
+
+    class Fused(TokenARModule):
+        def configure_optimizers(self):
+            out = super().configure_optimizers()
+            opt = out["optimizer"]
+            fused = torch.optim.AdamW(opt.param_groups, fused=True)
+            out["lr_scheduler"]["scheduler"].optimizer = fused
+            return {"optimizer": fused, "lr_scheduler": out["lr_scheduler"]}
+
+    torch.manual_seed(0)
+    module = Fused(PatchTokenizer(16, 4), BACKBONES["mar"], HEADS["diffusion"], MaskedARSampler(num_iter=4),
+                   num_classes=12, optim=train_optim(warmup_steps=0))
+    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", gradient_clip_val=1e-3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, accelerator="cpu")
+    before = [p.detach().clone() for p in module.net.parameters()]
+    trainer.fit(module, DataLoader(Shapes(16, 16), batch_size=4))
+    assert trainer.optimizers[0].defaults["fused"] and trainer.global_step == 2
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(module.net.parameters(), before)])
+    assert torch.isfinite(step).all() and step.abs().max() > 0

@@ -64,7 +64,7 @@ def paper_optim(method: str) -> dict:
     from contgen.modules import token_ar
 
     optim = yaml.safe_load((ROOT / "conf" / "train.yaml").read_text())["optim"]
-    optim.update(lr=None, blr=1e-4, schedule="constant", ema_decay=0.9999,
+    optim.update(lr=None, blr=1e-4, schedule="constant", ema_decay=0.9999, ema_warmup=False,
                  head_lr_scale=0.25 if method == "ear" else 1.0)
     keys = getattr(token_ar, "OPTIM_KEYS", None)
     return {k: v for k, v in optim.items() if keys is None or k in keys}

@@ -113,8 +113,29 @@ def available_cores() -> int:
     return max(1, cores)
 
 
+def busy_cores(window_s: float = 0.25) -> float:
+    """Cores kept busy by other processes right now: the machine's CPU time in /proc/stat over ``window_s`` while
+    this process sleeps. The 1-minute load average is no substitute: it lags, so right after another run ended it
+    still reads ~1 on an idle machine and would halve the threads of a quiet run. Falls back to it without /proc."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if total1 <= total0:
+        return 0.0
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def auto_threads(cores: int, load: float) -> int:
-    """Threads for a CPU run: the cores not already busy with other processes (1-minute load average), at least one.
+    """Threads for a CPU run: the cores not already busy with other processes (``load``, from :func:`busy_cores`),
+    at least one.
     Torch's threads wait for each other at every operation; when another process holds one of them, every step
     waits for the scheduler, which made a 2-core run 16 times slower than on a quiet machine (measured here at load
     ~8 on 2 cores: 12 default steps took 56-131 s with 2 threads, 11-13 s with 1).
@@ -134,9 +155,9 @@ def setup_threads(threads="auto", accelerator: str | None = None) -> int:
         if uses_cuda:
             return torch.get_num_threads()
         cores = available_cores()
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        load = busy_cores()
         n = auto_threads(cores, load)
-        why = f"{cores} core(s) available, load average {load:.1f}"
+        why = f"{cores} core(s) available, {load:.1f} busy with other processes"
         if n < cores:
             why += ": other processes are using cores"
         print(f"threads: {n} ({why}; set threads=N to choose)")

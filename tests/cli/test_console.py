@@ -185,3 +185,19 @@ def test_sweep_summary_parallel_jobs(tmp_path):
     assert rows[3]["optim.blr"] == "3e-4" and float(rows[3]["train/loss"]) == pytest.approx(0.25)
     md = (tmp_path / "summary.md").read_text().splitlines()
     assert md[0] == "| job | optim.blr | train/loss | class_acc |" and len(md) == 2 + 8
+
+
+def test_busy_cores_sees_another_process_at_once():
+    """A process spinning on one core counts as ~1 busy core within the 0.25 s window (the 1-minute load average
+    would take a minute to show it, and a minute to forget it)."""
+    import subprocess
+    import sys
+    import time
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # the interpreter is up and spinning
+        assert console.busy_cores() > 0.5
+    finally:
+        spinner.kill()
+        spinner.wait()

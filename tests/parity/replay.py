@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
+TOL = dict(rtol=1e-5, atol=1e-5)  # why this tolerance: the docstring of tests/parity/test_parity_mar.py
 
 
 def load(name: str):
@@ -122,3 +123,29 @@ class Replay:
 
     def done(self) -> None:
         assert self.pos == len(self.draws), f"contgen consumed {self.pos} of the reference's {len(self.draws)} draws"
+
+
+def check_backbone_case(bb, fixture: dict, case: int) -> None:
+    """The backbone's condition z for the fixture's tokens / labels / drop under mask ``case`` (row 1: null class)."""
+    c = fixture["cases"][case]
+    with torch.no_grad():
+        z = bb(fixture["tokens"], fixture["labels"], c["order"], c["num_masked"], fixture["drop"])
+    torch.testing.assert_close(z, c["z"], **TOL)
+
+
+def check_sampling_run(bb, head, run: dict, seq_len: int, kind: str) -> None:
+    """A whole reference ``sample_tokens`` run against contgen's sampler with the reference's draws replayed; first
+    the CFG scale of every step, which the reference computes in fp32."""
+    from contgen.samplers.masked import MaskedARSampler
+    from contgen.samplers.schedules import cfg_schedule, cosine_mask_schedule
+
+    schedule = cosine_mask_schedule(seq_len, run["num_iter"])
+    if run["cfg"] != 1.0:
+        scales = [cfg_schedule(run["cfg"], run["cfg_schedule"], seq_len, m) for m in schedule]
+        torch.testing.assert_close(torch.tensor(scales), torch.tensor([c["cfg"] for c in run["head_calls"]]),
+                                   rtol=1e-6, atol=0)
+    sampler = MaskedARSampler(run["num_iter"], run["cfg"], run["cfg_schedule"], run["temperature"])
+    with Replay(sampling_draws(run, seq_len, kind)) as r:
+        tokens = sampler(bb, head, run["labels"])
+    r.done()
+    torch.testing.assert_close(tokens, run["tokens"], **TOL)

@@ -12,12 +12,9 @@ import torch
 from contgen.backbones import EARBackbone
 from contgen.heads import EnergyHead
 from contgen.heads.energy import energy_score_loss
-from contgen.samplers.masked import MaskedARSampler
-from contgen.samplers.schedules import cfg_schedule, cosine_mask_schedule
 from contgen.utils.reference_ckpt import load_reference_mar
-from tests.parity.replay import FIXTURES, Replay, load, sampling_draws
+from tests.parity.replay import FIXTURES, TOL, Replay, check_backbone_case, check_sampling_run, load
 
-TOL = dict(rtol=1e-5, atol=1e-5)
 OUT = load("ear_outputs.pt")
 C = OUT["config"]
 L = (C["img_size"] // C["vae_stride"] // C["patch_size"]) ** 2
@@ -42,12 +39,7 @@ def model():
 
 @pytest.mark.parametrize("case", range(len(OUT["backbone"]["cases"])))
 def test_backbone_condition(model, case):
-    bb, _ = model
-    f = OUT["backbone"]
-    c = f["cases"][case]
-    with torch.no_grad():
-        z = bb(f["tokens"], f["labels"], c["order"], c["num_masked"], f["drop"])  # row 1 is the null class
-    torch.testing.assert_close(z, c["z"], **TOL)
+    check_backbone_case(model[0], OUT["backbone"], case)
 
 
 def test_generator_output_train_and_eval(model):
@@ -94,15 +86,4 @@ RUNS = OUT["sampling"]
                                                      for r in RUNS])
 def test_sampling_run(model, i):
     """A whole sample_tokens run with the reference's draws replayed (mappings: tests/parity/replay.py)."""
-    run = RUNS[i]
-    bb, head = model
-    schedule = cosine_mask_schedule(L, run["num_iter"])
-    if run["cfg"] != 1.0:
-        scales = [cfg_schedule(run["cfg"], run["cfg_schedule"], L, m) for m in schedule]
-        torch.testing.assert_close(torch.tensor(scales), torch.tensor([c["cfg"] for c in run["head_calls"]]),
-                                   rtol=1e-6, atol=0)  # the reference computes it in fp32
-    sampler = MaskedARSampler(run["num_iter"], run["cfg"], run["cfg_schedule"], run["temperature"])
-    with Replay(sampling_draws(run, L, "ear")) as r:
-        tokens = sampler(bb, head, run["labels"])
-    r.done()
-    torch.testing.assert_close(tokens, run["tokens"], **TOL)
+    check_sampling_run(*model, RUNS[i], L, "ear")

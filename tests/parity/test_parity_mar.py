@@ -17,12 +17,10 @@ import torch
 
 from contgen.backbones import MARBackbone
 from contgen.heads import DiffusionHead
-from contgen.samplers.masked import MaskedARSampler
-from contgen.samplers.schedules import cfg_schedule, cosine_mask_schedule
+from contgen.samplers.schedules import cosine_mask_schedule
 from contgen.utils.reference_ckpt import load_reference_mar
-from tests.parity.replay import FIXTURES, Replay, load, sampling_draws
+from tests.parity.replay import FIXTURES, TOL, Replay, check_backbone_case, check_sampling_run, load
 
-TOL = dict(rtol=1e-5, atol=1e-5)
 OUT = load("mar_outputs.pt")
 C = OUT["config"]
 L = (C["img_size"] // C["vae_stride"] // C["patch_size"]) ** 2
@@ -57,12 +55,7 @@ def test_raw_and_ema_weights_are_the_files(model):
 
 @pytest.mark.parametrize("case", range(len(OUT["backbone"]["cases"])))
 def test_backbone_condition(model, case):
-    bb, _ = model
-    f = OUT["backbone"]
-    c = f["cases"][case]
-    with torch.no_grad():
-        z = bb(f["tokens"], f["labels"], c["order"], c["num_masked"], f["drop"])  # row 1 is the null class
-    torch.testing.assert_close(z, c["z"], **TOL)
+    check_backbone_case(model[0], OUT["backbone"], case)
 
 
 def test_head_network(model):
@@ -106,17 +99,8 @@ RUNS = OUT["sampling"]
 def test_sampling_run(model, i):
     """A whole sample_tokens run, with the reference's own random draws replayed (tests/parity/replay.py)."""
     run = RUNS[i]
-    bb, head = model
-    sampler = MaskedARSampler(run["num_iter"], run["cfg"], run["cfg_schedule"], run["temperature"])
-    # the schedules the run used: tokens per step and the CFG scale handed to the head
+    # tokens per step of the run = contgen's cosine schedule
     schedule = cosine_mask_schedule(L, run["num_iter"])
     per_step = [c["rows"] // (2 if run["cfg"] != 1.0 else 1) // run["labels"].shape[0] for c in run["head_calls"]]
     assert per_step == [a - b for a, b in zip([L, *schedule[:-1]], schedule)]
-    if run["cfg"] != 1.0:
-        scales = [cfg_schedule(run["cfg"], run["cfg_schedule"], L, m) for m in schedule]
-        torch.testing.assert_close(torch.tensor(scales), torch.tensor([c["cfg"] for c in run["head_calls"]]),
-                                   rtol=1e-6, atol=0)  # the reference computes it in fp32
-    with Replay(sampling_draws(run, L, "mar")) as r:
-        tokens = sampler(bb, head, run["labels"])
-    r.done()
-    torch.testing.assert_close(tokens, run["tokens"], **TOL)
+    check_sampling_run(*model, run, L, "mar")

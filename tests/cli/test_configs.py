@@ -162,3 +162,13 @@ def test_ear_recipe_values():
     assert ft.loss.train_temperature == 0.99 and ft.optim.blr == 7e-5 and ft.trainer.max_epochs == 800
     assert ft.resume_mode == "new_stage"  # the fine-tune is a new stage: its lr takes effect
     assert (ft.model.depth, ft.loss.depth, ft.loss.width) == (24, 6, 1024)
+
+
+def test_every_script_the_makefile_runs_exists():
+    """`make bench` ran bench/run.py, which did not exist (issue 6 defect 9)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    scripts = re.findall(r"\$\(PY\) ([\w/]+\.py)", (root / "Makefile").read_text())
+    assert "bench/mar_ear.py" in scripts and all((root / s).is_file() for s in scripts), scripts

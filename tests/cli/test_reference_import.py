@@ -32,12 +32,7 @@ def _sampler(run: dict) -> dict:
             "sampler.temperature": run["temperature"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_class_count_comes_from_the_checkpoint():

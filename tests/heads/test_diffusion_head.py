@@ -19,13 +19,7 @@ from contgen.heads.gaussian_diffusion import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are small: intra-op threads only add sync points (5x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_head(**kw) -> DiffusionHead:

@@ -12,11 +12,13 @@ import torch
 from contgen.heads import DiffusionHead
 from contgen.tokenizers.base import patchify
 from contgen.tokenizers.kl16 import KLTokenizer
-from tests.parity.replay import FIXTURES, load
+from tests.parity.replay import FIXTURES, TOL, load
 
-TOL = dict(rtol=1e-5, atol=1e-5)
 DIFF = load("diffusion_outputs.pt")
 VAE = load("kl16_outputs.pt")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("count", sorted(DIFF["counts"]))
@@ -44,7 +46,6 @@ def kl16(patch_size: int = 1) -> KLTokenizer:
 @pytest.mark.parametrize("p", [1, 2])
 def test_kl16_encode(p):
     """moments = [posterior mean | clamped log-variance], patchified as MAR does."""
-    torch.set_num_threads(1)
     with torch.no_grad():
         m = kl16(p).moments(VAE["images"])
     mean, logvar = m.chunk(2, dim=-1)

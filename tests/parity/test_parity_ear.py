@@ -21,6 +21,9 @@ L = (C["img_size"] // C["vae_stride"] // C["patch_size"]) ** 2
 D = C["vae_embed_dim"] * C["patch_size"] ** 2
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def build(alpha: float = C["alpha"], train_temperature: float = C["train_temperature"]):
     bb = EARBackbone(L, D, C["class_num"], C["decoder_embed_dim"], C["decoder_depth"], C["decoder_num_heads"],
                      C["mlp_ratio"], buffer_size=C["buffer_size"])
@@ -33,7 +36,6 @@ def build(alpha: float = C["alpha"], train_temperature: float = C["train_tempera
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
     return build()
 
 

@@ -27,6 +27,9 @@ L = (C["img_size"] // C["vae_stride"] // C["patch_size"]) ** 2
 D = C["vae_embed_dim"] * C["patch_size"] ** 2
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def build(use_ema: bool = True, **head_kw):
     bb = MARBackbone(L, D, C["class_num"], C["encoder_embed_dim"], C["encoder_depth"], C["encoder_num_heads"],
                      C["decoder_embed_dim"], C["decoder_depth"], C["decoder_num_heads"], C["mlp_ratio"],
@@ -40,7 +43,6 @@ def build(use_ema: bool = True, **head_kw):
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
     return build()
 
 

@@ -45,6 +45,7 @@ def generate_balanced(module, num_samples: int, batch_size: int, seed: int, use_
 
 def builtin_scores(data_train: dict, images: torch.Tensor, labels: torch.Tensor, cache_dir: str) -> dict:
     name = BUILTIN[data_train["_target_"]]
+    data_train = {k: v for k, v in data_train.items() if k != "repeat"}  # the classifier sees each image once
     train_set, heldout = instantiate(data_train), instantiate({**data_train, "split": "val"})
     # a few thousand images train the classifier to ~100% held-out accuracy; more only costs time on first use
     fit_set = instantiate({**data_train, "num_samples": 4096}) if "num_samples" in data_train else train_set

@@ -168,3 +168,11 @@ def test_cache_guards_corrupt_shard_and_pickling(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])  # truncated, as by a full disk
     with pytest.raises(ValueError, match="data.root: unreadable shard moments_00000.npy"):
         CachedTokens(str(out))
+
+
+def test_digits_repeat_makes_an_epoch_of_several_passes():
+    once, four = Digits(16), Digits(16, repeat=4)
+    assert len(four) == 4 * len(once)
+    assert torch.equal(four[len(once) + 5]["image"], once[5]["image"]) and four[len(once) + 5]["label"] == once[5]["label"]
+    with pytest.raises(ValueError, match="data.train.repeat must be >= 1"):
+        Digits(16, repeat=0)

@@ -1,0 +1,19 @@
+"""Transport family (UCGM and friends): transports (α, γ, α̂, γ̂), objectives and solvers over image-level
+denoisers or per-token heads. Plain PyTorch, importable without Hydra or Lightning."""
+
+from contgen.transport.transports import (
+    EDM,
+    TRANSPORTS,
+    Linear,
+    ReLinear,
+    Transport,
+    TrigFlow,
+    TrigLinear,
+    build_transport,
+    expand_time,
+)
+
+__all__ = [
+    "EDM", "TRANSPORTS", "Linear", "ReLinear", "Transport", "TrigFlow", "TrigLinear", "build_transport",
+    "expand_time",
+]

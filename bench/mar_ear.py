@@ -61,12 +61,15 @@ def paper_optim(method: str) -> dict:
     """conf/train.yaml's ``optim`` block with the paper recipe's values (speed does not depend on them)."""
     import yaml
 
-    from contgen.modules import token_ar
-
     optim = yaml.safe_load((ROOT / "conf" / "train.yaml").read_text())["optim"]
     optim.update(lr=None, blr=1e-4, schedule="constant", ema_decay=0.9999, ema_warmup=False,
                  head_lr_scale=0.25 if method == "ear" else 1.0)
-    keys = getattr(token_ar, "OPTIM_KEYS", None)
+    try:  # a contgen revision being compared may predate contgen/modules/base.py or OPTIM_KEYS
+        from contgen.modules.base import OPTIM_KEYS as keys
+    except ImportError:
+        from contgen.modules import token_ar
+
+        keys = getattr(token_ar, "OPTIM_KEYS", None)
     return {k: v for k, v in optim.items() if keys is None or k in keys}
 
 

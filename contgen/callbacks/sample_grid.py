@@ -22,7 +22,7 @@ class SampleGrid(L.Callback):
                              f"{every_n_steps} and {per_class}")
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        self.labels(pl_module.net.backbone.num_classes, "cpu")  # bad classes fail before training, not after it
+        self.labels(pl_module.num_classes, "cpu")  # bad classes fail before training, not after it
 
     def labels(self, num_classes: int, device) -> torch.Tensor:
         classes = self.classes if self.classes is not None else list(range(min(num_classes, 16)))
@@ -33,7 +33,7 @@ class SampleGrid(L.Callback):
 
     @rank_zero_only
     def write(self, trainer: L.Trainer, pl_module) -> Path:
-        labels = self.labels(pl_module.net.backbone.num_classes, pl_module.device)
+        labels = self.labels(pl_module.num_classes, pl_module.device)
         g = torch.Generator(pl_module.device).manual_seed(self.seed)
         images = pl_module.generate(labels, generator=g, use_ema=self.use_ema)
         path = Path(trainer.default_root_dir) / self.out_dir / f"step_{trainer.global_step:07d}.png"

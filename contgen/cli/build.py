@@ -2,32 +2,31 @@
 
 from __future__ import annotations
 
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
 
+from contgen.modules.base import GenerativeModule
 from contgen.modules.datamodule import DataModule
-from contgen.modules.token_ar import TokenARModule
 
 
 def build_datamodule(cfg: DictConfig) -> DataModule:
     return instantiate(cfg.data, _recursive_=True, _convert_="object")
 
 
-def build_module(cfg: DictConfig, num_classes: int, data_info: dict | None = None) -> TokenARModule:
-    """``data_info`` (image_size, seq_len, token_dim of a token cache) is checked against the tokenizer
-    before any compute is spent."""
+def build_module(cfg: DictConfig, num_classes: int, data_info: dict | None = None) -> GenerativeModule:
+    """The LightningModule that ``module._target_`` names (the method preset picks it), built by its ``from_config``.
+    ``data_info`` (image_size, seq_len, token_dim of a token cache) is checked against the tokenizer before any
+    compute is spent."""
     tokenizer = instantiate(cfg.tokenizer)
     for key, value in (data_info or {}).items():
         mine = getattr(tokenizer, key, None)
         if value is not None and mine is not None and mine != value:
             raise ValueError(f"data and tokenizer disagree on {key}: data gives {value}, tokenizer "
                              f"{cfg.tokenizer._target_} has {mine} (check data.image_size / tokenizer.* / the cache)")
-    return TokenARModule(
-        tokenizer=tokenizer, backbone=instantiate(cfg.model), head=instantiate(cfg.loss),
-        sampler=instantiate(cfg.sampler), num_classes=num_classes,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True), mask_ratio_min=cfg.module.mask_ratio_min,
-        seed=cfg.seed, compile=cfg.module.compile, sample_precision=cfg.module.sample_precision,
-        config=OmegaConf.to_container(cfg, resolve=True))
+    cls = get_class(cfg.module._target_)
+    if not (isinstance(cls, type) and issubclass(cls, GenerativeModule)):
+        raise ValueError(f"module._target_={cfg.module._target_} is not a contgen GenerativeModule")
+    return cls.from_config(cfg, tokenizer, num_classes)
 
 
 def data_info(dataset) -> dict:

@@ -35,7 +35,7 @@ def check_metrics(m: DictConfig) -> None:
 
 def generate_balanced(module, num_samples: int, batch_size: int, seed: int, use_ema: bool = True):
     """``num_samples`` images, labels cycling over the classes; one generator for the whole set."""
-    labels = torch.arange(num_samples, device=module.device) % module.net.backbone.num_classes
+    labels = torch.arange(num_samples, device=module.device) % module.num_classes
     g = torch.Generator(module.device).manual_seed(seed)
     chunks = labels.split(batch_size)
     images = torch.cat([module.generate(chunk, generator=g, use_ema=use_ema).cpu()
@@ -96,8 +96,8 @@ def evaluate_module(module, cfg: DictConfig | dict, dataset=None, out_dir: str |
     elif data_train.get("_target_") not in BUILTIN:
         print("metrics.inception_weights is not set: no FID/IS. Place weights-inception-2015-12-05-6726825d.pth "
               "(torch-fidelity release v0.2.0) on disk and pass metrics.inception_weights=/path/to/it")
-    per_row = min(10, max(1, m.num_samples // module.net.backbone.num_classes))
-    order = torch.argsort(labels[: per_row * module.net.backbone.num_classes], stable=True)
+    per_row = min(10, max(1, m.num_samples // module.num_classes))
+    order = torch.argsort(labels[: per_row * module.num_classes], stable=True)
     save_grid(images[order], out / "eval_samples.png", nrow=per_row)
     save_npz(images, labels, out / "eval_samples.npz")
     (out / "metrics.json").write_text(json.dumps(results, indent=2))

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from contgen.cli.build import build_module
 from contgen.cli.checkpoint_io import load_checkpoint
-from contgen.modules.token_ar import TokenARModule
+from contgen.modules.base import GenerativeModule
 
 
 def pick_device(device: str) -> torch.device:
@@ -18,7 +18,7 @@ def pick_device(device: str) -> torch.device:
 
 
 def load_module(ckpt_path: str, device: str = "auto", overrides: dict | None = None, reference: str | None = None,
-                allow_pickle: bool = False) -> tuple[TokenARModule, dict]:
+                allow_pickle: bool = False) -> tuple[GenerativeModule, dict]:
     """``overrides``: dotted keys merged into the stored config (``sampler.cfg``, ``tokenizer.ckpt_path``, ...);
     ``None`` values keep the stored value. ``reference``: the name of a paper experiment (``mar_base_in256``)
     whose architecture a released reference ``.pth`` (``model`` / ``model_ema`` state dicts) is read into."""
@@ -59,7 +59,7 @@ def reference_num_classes(path: str, allow_pickle: bool = False) -> int:
 
 
 def load_reference(path: str, experiment: str, device: str = "auto", overrides: dict | None = None,
-                   allow_pickle: bool = False) -> tuple[TokenARModule, dict]:
+                   allow_pickle: bool = False) -> tuple[GenerativeModule, dict]:
     """A released MAR/EAR ``.pth`` (MAR ``diffloss.*`` or EAR ``scoreloss.*`` head keys): the architecture comes from
     ``experiment=<name>``, the class count from the file's class embedding, the raw weights go to the module and
     ``model_ema`` to its EMA copy (what sampling uses by default)."""

@@ -23,7 +23,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     overrides["tokenizer.ckpt_path"] = cfg.tokenizer_ckpt_path
     overrides["module.sample_precision"] = cfg.precision
     module, _ = load_module(cfg.ckpt, cfg.device, overrides, cfg.reference, cfg.allow_pickle)
-    num_classes = module.net.backbone.num_classes
+    num_classes = module.num_classes
     classes = list(cfg.classes) if cfg.classes is not None else list(range(min(num_classes, 10)))
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:

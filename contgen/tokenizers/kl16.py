@@ -5,7 +5,8 @@ MAR's ``models/vae.py`` does (reference/mar.md §4): ch 128, ch_mult (1,1,2,2,4)
 attention in the encoder at feature resolution 16 plus the mid block, no attention in the decoder's up path
 ("decoder is without attention", LTH14/mar issue #3), double_z, 1x1 ``quant_conv``/``post_quant_conv``.
 Parameter names follow that code so MAR's ``kl16.ckpt`` loads strictly. Latents are scaled by 0.2325
-(``engine_mar.py:64-65``: unit std).
+(``engine_mar.py:64-65``: unit std). The Encoder/Decoder also build the SD-VAE (``sdvae.py``; ``groups`` is
+diffusers' ``norm_num_groups``, 32 in every released LDM VAE).
 """
 
 from __future__ import annotations
@@ -23,18 +24,18 @@ from contgen.tokenizers.base import Tokenizer, patchify, unpatchify
 CKPT_HINT = "MAR's KL-16 VAE, kl16.ckpt from the LTH14/mar README"
 
 
-def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, c, eps=1e-6)
+def _norm(c: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, c, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
     """GN-swish-conv x2 with a 1x1 ``nin_shortcut`` when the width changes (no time embedding, dropout 0)."""
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, groups: int = 32):
         super().__init__()
-        self.norm1 = _norm(cin)
+        self.norm1 = _norm(cin, groups)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = _norm(cout)
+        self.norm2 = _norm(cout, groups)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -47,9 +48,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv q/k/v/proj_out (LDM ``AttnBlock``), via SDPA."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, groups: int = 32):
         super().__init__()
-        self.norm = _norm(c)
+        self.norm = _norm(c, groups)
         self.q = nn.Conv2d(c, c, 1)
         self.k = nn.Conv2d(c, c, 1)
         self.v = nn.Conv2d(c, c, 1)
@@ -83,11 +84,11 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(c: int) -> nn.Module:
+def _mid(c: int, groups: int = 32) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(c, c)
-    mid.attn_1 = AttnBlock(c)
-    mid.block_2 = ResnetBlock(c, c)
+    mid.block_1 = ResnetBlock(c, c, groups)
+    mid.attn_1 = AttnBlock(c, groups)
+    mid.block_2 = ResnetBlock(c, c, groups)
     return mid
 
 
@@ -104,10 +105,13 @@ def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    """Image -> 2*z_channels moments map at stride 2**(len(ch_mult)-1)."""
+    """Image -> 2*z_channels moments map at stride 2**(len(ch_mult)-1).
+
+    ``groups``: GroupNorm groups (32 in LDM, MAR and the SD-VAE; ``norm_num_groups`` in diffusers).
+    """
 
     def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
-                 resolution: int, z_channels: int, in_channels: int = 3):
+                 resolution: int, z_channels: int, in_channels: int = 3, groups: int = 32):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -116,16 +120,16 @@ class Encoder(nn.Module):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(cin, ch * mult))
+                level.block.append(ResnetBlock(cin, ch * mult, groups))
                 cin = ch * mult
                 if res in attn_resolutions:
-                    level.attn.append(AttnBlock(cin))
+                    level.attn.append(AttnBlock(cin, groups))
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(cin)
                 res //= 2
             self.down.append(level)
-        self.mid = _mid(cin)
-        self.norm_out = _norm(cin)
+        self.mid = _mid(cin, groups)
+        self.norm_out = _norm(cin, groups)
         self.conv_out = nn.Conv2d(cin, 2 * z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,23 +148,24 @@ class Decoder(nn.Module):
     ``up`` is indexed by level (``up.0`` = full resolution) and run from the coarsest level down, as LDM.
     """
 
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, out_ch: int = 3):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, out_ch: int = 3,
+                 groups: int = 32):
         super().__init__()
         cin = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, cin, 3, padding=1)
-        self.mid = _mid(cin)
+        self.mid = _mid(cin, groups)
         up = []
         for i in reversed(range(len(ch_mult))):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(cin, ch * ch_mult[i]))
+                level.block.append(ResnetBlock(cin, ch * ch_mult[i], groups))
                 cin = ch * ch_mult[i]
             if i != 0:
                 level.upsample = Upsample(cin)
             up.insert(0, level)
         self.up = nn.ModuleList(up)
-        self.norm_out = _norm(cin)
+        self.norm_out = _norm(cin, groups)
         self.conv_out = nn.Conv2d(cin, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

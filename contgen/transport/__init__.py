@@ -12,8 +12,9 @@ from contgen.transport.transports import (
     build_transport,
     expand_time,
 )
+from contgen.transport.solvers import CFGDenoiser, EulerSampler, HeunSampler, UCGMSampler, time_grid
 
 __all__ = [
     "EDM", "TRANSPORTS", "Linear", "ReLinear", "Transport", "TrigFlow", "TrigLinear", "build_transport",
-    "expand_time",
+    "expand_time", "CFGDenoiser", "EulerSampler", "HeunSampler", "UCGMSampler", "time_grid",
 ]

@@ -120,7 +120,7 @@ def diffusers_names(key: str, levels: int) -> tuple[str, ...]:
 
 
 class SDVAETokenizer(Tokenizer):
-    """Frozen SD-VAE. ``path``: a local diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``,
+    """Frozen SD-VAE. ``ckpt_path``: a local diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``,
     or ``.bin``) -- its config.json must describe the architecture given here (defaults: the SD-VAE) and its
     weights must match it key for key.
 
@@ -131,10 +131,10 @@ class SDVAETokenizer(Tokenizer):
     ``latent_stats``: a file with per-channel ``{"mean", "std"}`` tensors (the reference ``latent_norm`` cache
     ``buffers/vaes/stat/<vae>_<res>.pt`` loads as is; see :func:`compute_latent_stats`); ``None`` = off.
     ``random_init=True`` skips the weights (benchmarks and tests only: the tokens are meaningless); a given
-    ``path`` still has its config.json checked.
+    ``ckpt_path`` still has its config.json checked.
     """
 
-    def __init__(self, path: str | None, variant: str = "ema", image_size: int = 256,
+    def __init__(self, ckpt_path: str | None, variant: str = "ema", image_size: int = 256,
                  block_out_channels: Sequence[int] = (128, 256, 512, 512), layers_per_block: int = 2,
                  latent_channels: int = 4, norm_num_groups: int = 32, scale_factor: float | None = SD_SCALING_FACTOR,
                  posterior: str = "mean", latent_stats: str | None = None, patch_size: int = 1,
@@ -160,15 +160,15 @@ class SDVAETokenizer(Tokenizer):
         self.token_dim = latent_channels * patch_size**2
         self.moment_dim = 2 * self.token_dim
 
-        if path is None and not random_init:
-            raise ValueError(f"tokenizer.path is required ({_hint(variant)}); random_init=True (random weights) is "
+        if ckpt_path is None and not random_init:
+            raise ValueError(f"tokenizer.ckpt_path is required ({_hint(variant)}); random_init=True (random weights) is "
                              "only meant for benchmarks and tests")
-        file_scale = SD_SCALING_FACTOR if path is None else self._check_config(path)
+        file_scale = SD_SCALING_FACTOR if ckpt_path is None else self._check_config(ckpt_path)
         self.scale_factor = float(file_scale if scale_factor is None else scale_factor)
         if latent_stats is None and not math.isclose(self.scale_factor, file_scale, rel_tol=1e-6):
             raise ValueError(
                 f"tokenizer.scale_factor={self.scale_factor} differs from the VAE's scaling_factor={file_scale} "
-                f"(config.json of tokenizer.path={path!r}); without tokenizer.latent_stats the latents would not "
+                f"(config.json of tokenizer.ckpt_path={ckpt_path!r}); without tokenizer.latent_stats the latents would not "
                 "have the scale the VAE was released with -- set tokenizer.scale_factor=null to use the file's")
 
         ch, mult = chans[0], [c // chans[0] for c in chans]
@@ -187,8 +187,8 @@ class SDVAETokenizer(Tokenizer):
         self.register_buffer("latent_std", std.repeat_interleave(patch_size**2), persistent=False)
         self.latent_stats = latent_stats
 
-        if path is not None and not random_init:
-            self.load_weights(path)
+        if ckpt_path is not None and not random_init:
+            self.load_weights(ckpt_path)
         self.freeze()
 
     # ------------------------------------------------------------------ loading
@@ -197,9 +197,9 @@ class SDVAETokenizer(Tokenizer):
         """Read ``path/config.json``, refuse any architecture mismatch, return its scaling_factor."""
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
-            sub = " (it has a vae/ subfolder: point tokenizer.path at that)" if os.path.isfile(
+            sub = " (it has a vae/ subfolder: point tokenizer.ckpt_path at that)" if os.path.isfile(
                 os.path.join(path, "vae", "config.json")) else ""
-            raise FileNotFoundError(f"tokenizer.path: no config.json in {path!r}{sub}; expected {_hint(self.variant)}")
+            raise FileNotFoundError(f"tokenizer.ckpt_path: no config.json in {path!r}{sub}; expected {_hint(self.variant)}")
         with open(cfg_path) as f:
             cfg = json.load(f)
         levels = len(self.arch["block_out_channels"])
@@ -221,7 +221,7 @@ class SDVAETokenizer(Tokenizer):
                 name = f"tokenizer.{key}" if key in self.arch else "expected"
                 problems.append(f"{key}: config.json has {got!r}, {name} {value!r}")
         if problems:
-            raise ValueError(f"tokenizer.path={path!r}: config.json does not describe the SD-VAE architecture this "
+            raise ValueError(f"tokenizer.ckpt_path={path!r}: config.json does not describe the SD-VAE architecture this "
                              "tokenizer is configured for (an LDM AutoencoderKL with the tokenizer.* widths): "
                              + "; ".join(problems))
         return float(cfg.get("scaling_factor", SD_SCALING_FACTOR))
@@ -230,7 +230,7 @@ class SDVAETokenizer(Tokenizer):
         """Strict load of a diffusers AutoencoderKL state dict, renamed to the LDM names (:func:`diffusers_names`)."""
         files = [os.path.join(path, n) for n in WEIGHT_FILES if os.path.isfile(os.path.join(path, n))]
         if not files:
-            raise FileNotFoundError(f"tokenizer.path: no {' or '.join(WEIGHT_FILES)} in {path!r}; expected "
+            raise FileNotFoundError(f"tokenizer.ckpt_path: no {' or '.join(WEIGHT_FILES)} in {path!r}; expected "
                                     f"{_hint(self.variant)}")
         if files[0].endswith(".safetensors"):
             sd = read_safetensors(files[0])
@@ -238,7 +238,7 @@ class SDVAETokenizer(Tokenizer):
             try:
                 sd = torch.load(files[0], map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
-                raise ValueError(f"tokenizer.path: {files[0]} is not loadable with weights_only=True: {e}") from e
+                raise ValueError(f"tokenizer.ckpt_path: {files[0]} is not loadable with weights_only=True: {e}") from e
         levels = len(self.arch["block_out_channels"])
         own, new, used, problems = self.state_dict(), {}, set(), []
         for key, ref in own.items():
@@ -257,7 +257,7 @@ class SDVAETokenizer(Tokenizer):
         problems += [f"unexpected {k}" for k in sorted(sd.keys() - used)]
         if problems:
             more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
-            raise ValueError(f"tokenizer.path: {files[0]} does not match the SD-VAE architecture ({len(problems)} "
+            raise ValueError(f"tokenizer.ckpt_path: {files[0]} does not match the SD-VAE architecture ({len(problems)} "
                              f"problems{more}; expected {_hint(self.variant)}): " + "; ".join(problems[:10]))
         self.load_state_dict(new, strict=True)
 

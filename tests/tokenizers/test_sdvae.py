@@ -163,7 +163,7 @@ def test_read_safetensors_dtypes(tmp_path):
 
 
 def test_missing_files_name_the_key_and_the_release(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.path") as e:
+    with pytest.raises(FileNotFoundError, match="tokenizer.ckpt_path") as e:
         SDVAETokenizer(str(tmp_path / "nope"), variant="mse")
     assert "config.json" in str(e.value) and "stabilityai/sd-vae-ft-mse" in str(e.value)
     (tmp_path / "vae").mkdir()
@@ -172,8 +172,8 @@ def test_missing_files_name_the_key_and_the_release(tmp_path):
         SDVAETokenizer(str(tmp_path), **ARCH)
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors") as e:
         SDVAETokenizer(str(tmp_path / "vae"), **ARCH)
-    assert "tokenizer.path" in str(e.value) and "stabilityai/sd-vae-ft-ema" in str(e.value)
-    with pytest.raises(ValueError, match="tokenizer.path is required"):
+    assert "tokenizer.ckpt_path" in str(e.value) and "stabilityai/sd-vae-ft-ema" in str(e.value)
+    with pytest.raises(ValueError, match="tokenizer.ckpt_path is required"):
         SDVAETokenizer(None)
     with pytest.raises(FileNotFoundError, match="tokenizer.latent_stats"):
         tiny(latent_stats=str(tmp_path / "stats.pt"))
@@ -212,7 +212,7 @@ def test_bad_weights_are_refused(tmp_path, edit, needle):
         sd["encoder.mid_block.attentions.0.query.weight"] = sd["encoder.mid_block.attentions.0.to_q.weight"]
     shutil.copy(TINY / "config.json", tmp_path / "config.json")
     torch.save(sd, tmp_path / "diffusion_pytorch_model.bin")
-    with pytest.raises(ValueError, match="tokenizer.path") as e:
+    with pytest.raises(ValueError, match="tokenizer.ckpt_path") as e:
         SDVAETokenizer(str(tmp_path), **ARCH)
     assert needle in str(e.value)
 

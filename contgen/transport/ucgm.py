@@ -116,19 +116,21 @@ class UCGMObjective:
             # unigen.py:172-174: for λ = 0 the ft-vs-fe fixed point F = m_c + ζ(F − m_∅) is CFG with w = 1/(1−ζ),
             # which diverges for ζ >= 1, so the reference reinterprets ζ as the effective scale w: ζ <- (ζ−1)/ζ.
             new = (zeta - 1.0) / zeta
-            warnings.warn(f"UCGM: enhanced_ratio {zeta} >= 1 with consistc_ratio 0 is remapped to (ζ-1)/ζ = {new:.4g} "
-                          f"as the reference does (unigen.py:172-173)", UserWarning, stacklevel=2)
+            warnings.warn(f"UCGM: enhanced_ratio {zeta} >= 1 with consistc_ratio 0 is remapped to (ζ-1)/ζ = "
+                          f"{new:.4g} as the reference does (unigen.py:172-173)", UserWarning, stacklevel=2)
             zeta = new
         self.enhanced_ratio = zeta
         if zeta != 0.0:
             if enhanced_style not in STYLES:
-                raise ValueError(f"enhanced_style must be one of {STYLES} when enhanced_ratio != 0, got {enhanced_style!r}")
+                raise ValueError(f"enhanced_style must be one of {STYLES} when enhanced_ratio != 0, "
+                                 f"got {enhanced_style!r}")
         self.enhanced_style = enhanced_style if zeta != 0.0 else None
         self.enhanced_range = (float(enhanced_range[0]), float(enhanced_range[1]))
         if loss not in ("rmse", "mse"):
             raise ValueError(f"loss must be 'rmse' or 'mse', got {loss!r}")
         if loss == "mse" and scaled_cbl_eps != 0.0:
-            raise ValueError("scaled_cbl_eps (c) belongs to loss='rmse' (sqrt(mean² + c²) − c); use 0 with loss='mse'")
+            raise ValueError("scaled_cbl_eps (c) belongs to loss='rmse' (sqrt(mean² + c²) − c); "
+                             "use 0 with loss='mse'")
         self.loss_type, self.scaled_cbl_eps = loss, float(scaled_cbl_eps)
         self.wt_cosine_loss = bool(wt_cosine_loss)
         wf = None if weight_function in (None, "none", "None") else str(weight_function).lower()

@@ -86,6 +86,16 @@ class Teacher(nn.Module):
         self._decay = d + (1 - d) * (self.ema_decay_rate - d) * 0.5
         self.decay_now.fill_(self._decay)
 
+    @torch.no_grad()
+    def copy_from(self, net: nn.Module) -> None:
+        """Re-copy ``net``'s weights into the teacher (``ema`` / ``frozen``) and restart the EMA ramp: for a caller
+        that loads the init weights *after* building the teacher (the reference copies at its first step)."""
+        if self.net is None:
+            return
+        self.net.load_state_dict(net.state_dict(), strict=True)
+        self._decay = 0.0
+        self.decay_now.zero_()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "decay_now" in state_dict:

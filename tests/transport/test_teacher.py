@@ -92,6 +92,17 @@ def test_frozen_copy_and_state_dict_round_trip():
     assert torch.equal(other.teacher(x, tt, y), before)
 
 
+def test_copy_from_resyncs_after_a_late_init_load():
+    net = TinyNet()
+    t = Teacher(net, "ema", 0.99)
+    t.update(net)
+    t.update(net)
+    _perturb(net, 4)  # e.g. the init checkpoint loaded after the teacher was built
+    t.copy_from(net)
+    assert t._decay == 0.0 and float(t.decay_now) == 0.0
+    assert all(torch.equal(p, q) for p, q in zip(t.net.parameters(), net.parameters()))
+
+
 def test_ema_state_resumes():
     net = TinyNet()
     a = Teacher(net, "ema", 0.99)

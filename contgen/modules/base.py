@@ -67,6 +67,15 @@ class GenerativeModule(L.LightningModule):
         """(the module whose weight matrices decay, the head whose matrices take ``head_lr_scale``)."""
         raise NotImplementedError
 
+    @staticmethod
+    def released_num_classes(path: str, allow_pickle: bool = False) -> int:
+        """The class count of a released reference checkpoint of this family (read from its class embedding)."""
+        raise NotImplementedError
+
+    def load_released(self, path: str, allow_pickle: bool = False) -> None:
+        """Load a released reference checkpoint: raw weights into ``net``, EMA weights into the EMA copy."""
+        raise NotImplementedError
+
     def generate_tokens(self, labels: torch.Tensor, generator: torch.Generator | None = None, use_ema: bool = True,
                         sampler=None) -> torch.Tensor:
         raise NotImplementedError

@@ -20,6 +20,7 @@ from torch import nn
 from contgen.modules.base import GenerativeModule
 from contgen.samplers.masked import MaskedARSampler, gather_rows
 from contgen.samplers.schedules import MaskRatio, cosine_mask_schedule, random_orders
+from contgen.utils.reference_ckpt import load_reference_mar, reference_num_classes
 
 
 class TokenARModule(GenerativeModule):
@@ -56,6 +57,16 @@ class TokenARModule(GenerativeModule):
 
     def decay_and_head(self) -> tuple[nn.Module, nn.Module]:
         return self.net.backbone, self.net.head
+
+    @staticmethod
+    def released_num_classes(path: str, allow_pickle: bool = False) -> int:
+        return reference_num_classes(path, allow_pickle)
+
+    def load_released(self, path: str, allow_pickle: bool = False) -> None:
+        """A MAR/EAR ``.pth``: ``model`` into ``net``, ``model_ema`` into the EMA copy (MAR ``diffloss.*`` or EAR
+        ``scoreloss.*`` head keys)."""
+        load_reference_mar(path, self.net.backbone, self.net.head, use_ema=False, allow_pickle=allow_pickle)
+        load_reference_mar(path, self.ema.shadow.backbone, self.ema.shadow.head, use_ema=True, allow_pickle=allow_pickle)
 
     # --- training ---------------------------------------------------------------------------------
     def masked_loss(self, tokens: torch.Tensor, labels: torch.Tensor, g: torch.Generator, g_cpu: torch.Generator):

@@ -69,3 +69,21 @@ def load_reference_mar(path: str, backbone: nn.Module, head: nn.Module, use_ema:
     _check(f"head (keys '{prefix}*')", path, head, head_state)
     backbone.load_state_dict(backbone_state)
     head.load_state_dict(head_state)
+
+
+def reference_num_classes(path: str, allow_pickle: bool = False) -> int:
+    """Class count of a reference MAR/EAR ``.pth``: the rows of its ``class_emb.weight`` (mar.py:59, ear.py:60).
+
+    The file is memory-mapped where its format allows, so only the shape is read, not gigabytes of weights."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
+    except (RuntimeError, OSError, pickle.UnpicklingError):  # legacy (non-zip) format, missing file or pickled objects: _read gives the clear error
+        ckpt = _read(path, allow_pickle)
+    states = [ckpt[k] for k in ("model_ema", "model") if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)]
+    weight = next((s["class_emb.weight"] for s in states if "class_emb.weight" in s), None)
+    if weight is None or weight.ndim != 2:
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"ckpt: {path} has no 'class_emb.weight' (the class embedding of a MAR/EAR backbone) under "
+                         f"'model' or 'model_ema', so its class count cannot be read (top-level entries: {found}); "
+                         "reference=<experiment> expects a released MAR/EAR .pth")
+    return int(weight.shape[0])

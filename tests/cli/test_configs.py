@@ -168,6 +168,35 @@ def test_ear_recipe_values():
     assert (ft.model.depth, ft.loss.depth, ft.loss.width) == (24, 6, 1024)
 
 
+def test_ucgm_recipe_values():
+    """ucgm.md §1.7 and the reference configs (in1k256_tit_xl_sdvae.yaml, in1k256_sit_xl_sdvae_linear.yaml)."""
+    multi = compose_train("experiment=ucgm_multistep_in256")
+    assert multi.module._target_.endswith("TransportModule") and "loss" not in multi
+    assert multi.model._target_.endswith("TiT") and (multi.model.hidden_size, multi.model.depth) == (1152, 28)
+    assert multi.tokenizer._target_.endswith("SDVAETokenizer") and multi.tokenizer.scale_factor == 0.18215
+    o = multi.objective
+    assert (o.consistc_ratio, o.enhanced_ratio, o.enhanced_style, o.scaled_cbl_eps, o.wt_cosine_loss) == (
+        0.0, 0.44, "ft-vs-fe", 0.0, True)
+    assert list(o.time_dist_ctrl) == [2.4, 2.4, 1.0] and o.ema_decay_rate == 0.999 and o.weight_function == "cosine"
+    assert (multi.optim.name, multi.optim.lr, list(multi.optim.betas), multi.optim.weight_decay) == (
+        "adamw", 2e-4, [0.9, 0.95], 0.0)
+    assert multi.trainer.gradient_clip_val is None and multi.optim.ema_decay == 0.9999
+    assert (multi.sampler.steps, multi.sampler.extrapol_ratio, multi.sampler.cfg_scale) == (60, 0.21, 0.0)
+    assert multi.sampler.transport == multi.objective.transport == "linear"
+    for name, zeta, style, clip_ema in (("fewstep", 2.0, "fc-vs-xz", 0.9999), ("tune", 1.7, "fc-vs-fe", 0.99)):
+        cfg = compose_train(f"experiment=ucgm_{name}_in256")
+        o = cfg.objective
+        assert (o.consistc_ratio, o.enhanced_ratio, o.enhanced_style, o.scaled_cbl_eps, o.ema_decay_rate) == (
+            1.0, zeta, style, 5.0, 1.0), name
+        assert list(o.time_dist_ctrl) == [0.8, 1.0, 1.0] and o.wt_cosine_loss is False, name
+        assert (cfg.optim.name, cfg.optim.lr, list(cfg.optim.betas)) == ("radam", 1e-4, [0.9, 0.999]), name
+        assert cfg.trainer.gradient_clip_val == 0.1 and cfg.optim.ema_decay == clip_ema, name
+        assert (cfg.sampler.steps, cfg.sampler.stochast_ratio) == (2, 1.0), name
+    for cfg in (multi, cfg):
+        t = cfg.trainer
+        assert cfg.data.batch_size * t.devices * t.num_nodes * t.accumulate_grad_batches == 1024
+
+
 def test_every_script_the_makefile_runs_exists():
     """`make bench` ran bench/run.py, which did not exist (issue 6 defect 9)."""
     import re

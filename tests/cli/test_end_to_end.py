@@ -145,6 +145,30 @@ def test_method_ear_trains_samples_and_evaluates(tmp_path, cache_dir):
     assert {"fd_builtin", "class_acc"} <= set(json.loads((run / "metrics.json").read_text()))
 
 
+UCGM_TINY = ["data.image_size=16", "data.train.num_samples=128", "data.batch_size=32", "model.hidden_size=32",
+             "model.depth=1", "model.num_heads=2", "sampler.steps=4", "trainer.log_every_n_steps=1",
+             "callbacks.sample_grid.every_n_steps=0", "metrics.num_samples=24", "metrics.batch_size=24"]
+
+
+def test_method_ucgm_trains_samples_and_evaluates(tmp_path, cache_dir):
+    """The transport family through the same entry points: module chosen by the preset, no branching on names."""
+    run = tmp_path / "run"
+    run_script("train.py", "method=ucgm", *UCGM_TINY, "trainer.max_epochs=1", f"hydra.run.dir={run}",
+               env={"CONTGEN_CACHE": cache_dir})
+    state = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    config = state["contgen"]["config"]
+    assert config["module"]["_target_"].endswith("TransportModule") and "loss" not in config
+    assert any(k.startswith("teacher.") for k in state["state_dict"])  # the EMA teacher of ζ 0.47 resumes with the run
+    assert {"fd_builtin", "class_acc"} <= set(json.loads((run / "metrics.json").read_text()))
+    out = tmp_path / "s"
+    run_script("sample.py", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "classes=[1]", "per_class=2",
+               "+sampler.steps=2", "+sampler.stochast_ratio=1.0", f"hydra.run.dir={out}")
+    assert np.load(out / "samples_seed0.npz")["arr_0"].shape == (2, 16, 16, 3)
+    with pytest.raises(AssertionError, match="sampler.num_iter=4: not a setting of this checkpoint's sampler"):
+        run_script("sample.py", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler.num_iter=4",
+                   f"hydra.run.dir={tmp_path / 'bad'}")
+
+
 @pytest.mark.slow
 def test_evaluate_inception_fid_offline(tmp_path, monkeypatch):
     """FID/IS through torch-fidelity's InceptionV3 from a local weights file (random weights here: the pipeline,

@@ -12,7 +12,8 @@ import argparse
 import pytest
 import torch
 
-from contgen.cli.load import load_module, reference_num_classes
+from contgen.cli.load import load_module
+from contgen.utils.reference_ckpt import reference_num_classes
 from tests.parity.replay import FIXTURES, Replay, load, sampling_draws
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -88,3 +89,23 @@ def test_file_without_class_embedding_is_a_clear_error(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match="class_emb.weight"):
         load_module(str(path), "cpu", MAR, reference="mar_base_in256")
+
+
+def test_released_denoiser_samples_through_the_transport_family():
+    """UCGM's {"model", "ema"} TiT file (made by its networks/tit.py, tests/fixtures/make_denoiser_fixtures.py) via
+    reference=ucgm_multistep_in256 shrunk to the fixture's sizes, decoded by the tiny diffusers SD-VAE fixture: the
+    class count comes from the label table, ``model`` goes to the module, ``ema`` to its EMA copy, whose output on
+    the fixture's inputs is the reference network's; then UCGM-S samples it."""
+    path = FIXTURES / "denoisers" / "tit_ucgm.pt"
+    sizes = {"model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2, "model.patch_size": 2,
+             "tokenizer.ckpt_path": str(FIXTURES / "sdvae" / "tiny"), "tokenizer.block_out_channels": "[8,8,16]",
+             "tokenizer.norm_num_groups": 4, "data.image_size": 32, "sampler.steps": 4}
+    module, cfg = load_module(str(path), "cpu", sizes, reference="ucgm_multistep_in256")
+    assert module.num_classes == 10 and cfg["model"]["_target_"].endswith("TiT")
+    ckpt = torch.load(path, weights_only=True)
+    for net, key in ((module.net.denoiser, "model"), (module.ema.shadow.denoiser, "ema")):
+        assert all(torch.equal(v, ckpt[key][k]) for k, v in net.state_dict().items()) and net.state_dict().keys() == ckpt[key].keys()
+    ref = load("denoisers/outputs.pt")["tit"]
+    torch.testing.assert_close(module.ema.shadow.denoiser(ref["x"], ref["t"], ref["y"]), ref["out"], **TOL)
+    images = module.generate(torch.tensor([0, 9]), generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()

@@ -44,9 +44,12 @@ contgen side: ``contgen.backbones.tit.TiT``, ``contgen.transport.ucgm.UCGMObject
 reference), its teacher (``build_teacher``: ramped EMA / frozen copy), ``contgen.utils.ema.EMA`` (foreach),
 fused AdamW / foreach RAdam (what ``GenerativeModule.configure_optimizers`` picks under bf16), foreach clipping,
 the module's non-finite-loss flag, and ``contgen.transport.solvers.UCGMSampler``, each step as
-``TransportModule.training_step`` orders it (teacher update, then the loss). ``--compile``: ``blocks`` compiles
-each transformer block (``Module.compile``, one graph reused by the 28 blocks, as the reference compiles its
-block ``forward``) of the online net, the teacher and the sampling net; ``full`` compiles the whole denoiser. Equal work: both sides run the same number of network passes per step (multi-step: online
+``TransportModule.training_step`` orders it (teacher update, then the loss). Compiled variants (``--compile on``
+or ``both``, ``--compile-scope``): ``tit`` is contgen's TiT as built by default (``compile_blocks``: on CUDA each
+block runs one ``torch.compile``d function shared by all blocks and by every copy: online net, teacher, sampling
+net, as the reference compiles its block ``forward``); ``blocks`` is ``Module.compile`` of each block of the online
+net, the teacher and the sampling net; ``full`` compiles each whole denoiser. The eager variant builds the TiT with
+``compile_blocks=False``. Equal work: both sides run the same number of network passes per step (multi-step: online
 with grad + teacher on the null label; few-step: online with grad + teacher + 2 online no-grad passes at t ± ε)
 and the same teacher policy (the reference builds its teacher lazily at the first step, a warm-up step here;
 contgen builds it up front). Differences kept because they are the two codes' own: the reference's ``nan_to_num_``
@@ -57,8 +60,8 @@ Weights: contgen's TiT is built with a fixed seed, then every all-zero parameter
 final linear, zero biases) gets N(0, 0.02) so no matrix product runs on zeros and outputs are not 0; the
 reference TiT loads that state dict (same parameter names, strict). Each case starts from these weights.
 
-``equal`` (in the reference process, at the bench batch so no extra shapes are compiled): TiT outputs of the two
-networks on one input (fp32/TF32 and bf16), one UCGM-T loss of each objective on the same draws under bf16 (the
+``equal`` (in the reference process, at the bench batch so no extra shapes are compiled; contgen's TiT as built by
+default, so compiled on CUDA): TiT outputs of the two networks on one input (fp32/TF32 and bf16), one UCGM-T loss of each objective on the same draws under bf16 (the
 reference's global-RNG draws replayed into ``draws``), and UCGM-S outputs on the same noise (6-step κ 0.21
 Kumaraswamy grid; 2-step ρ 1 with the reference's CPU re-noise draws replayed through ``noise_fn``; fp32/TF32 and
 bf16): max |diff|, relative L2, and the reference's max |value| for scale.
@@ -76,6 +79,7 @@ Processes (``--isolate``): ``case`` (default) runs each (case, side, precision, 
 reused, which saves the device time of compiling each mode again); ``none`` runs everything here.
 
     python bench/ucgm.py --reference-root ~/src/UCGM --compile both --out bench/results/h100_<date>_ucgm.jsonl
+    python bench/ucgm.py --reference-root ~/src/UCGM --isolate side --compile on --compile-scope tit,blocks
     python bench/ucgm.py --device cpu --tiny --reference-root ~/src/UCGM --compile both   # smoke run
 """
 
@@ -133,7 +137,8 @@ def size(tiny: bool) -> dict:
     return TINY if tiny else XL
 
 
-def build_contgen_tit(tiny: bool, device: torch.device, seed: int, state: dict | None = None):
+def build_contgen_tit(tiny: bool, device: torch.device, seed: int, state: dict | None = None,
+                      compile_blocks: bool = False):
     """contgen's TiT: from ``state`` if given, else the seeded init with every all-zero parameter drawn from
     N(0, 0.02) (the weights both sides share; see the module docstring)."""
     from contgen.backbones.tit import TiT
@@ -142,7 +147,7 @@ def build_contgen_tit(tiny: bool, device: torch.device, seed: int, state: dict |
     torch.manual_seed(seed)
     with torch.device(device):
         net = TiT(s["input_size"], IN_CHANNELS, NUM_CLASSES, patch_size=s["patch_size"], hidden_size=s["hidden_size"],
-                  depth=s["depth"], num_heads=s["num_heads"])
+                  depth=s["depth"], num_heads=s["num_heads"], compile_blocks=compile_blocks)
     if state is not None:
         net.load_state_dict(state, strict=True)
         return net
@@ -248,16 +253,20 @@ def profile_steps(step, device: torch.device, n: int, title: str, path: Path | N
 
 # --- contgen side -------------------------------------------------------------------------------------------
 def compile_denoiser(net, scope: str | None) -> None:
-    """``blocks``: each transformer block compiled (one graph shared by the identical blocks);
-    ``full``: the whole denoiser. In place (``Module.compile``); never deep-copy a compiled module (the copy
-    would call the original's compiled ``_call_impl``): copies are made first."""
-    if not scope:
-        return
+    """``tit``: nothing to do, the TiT's own ``compile_blocks`` (built with it on, deep copies inherit it);
+    ``blocks``: ``Module.compile`` of each block; ``full``: of the whole denoiser. ``Module.compile`` works in
+    place and a deep copy of such a module would call the original's compiled ``_call_impl``: copies (teacher,
+    EMA) are made before this is called."""
     if scope == "full":
         net.compile()
-    else:
+    elif scope == "blocks":
         for block in net.blocks:
             block.compile()
+
+
+def builds_compiled(scope: str | None) -> bool:
+    """Whether the TiT is built with ``compile_blocks`` on (the contgen default; the ``tit`` scope)."""
+    return scope == "tit"
 
 
 def contgen_train(spec: dict, state: dict, precision: str, scope: str | None, args, device, prof_path) -> dict:
@@ -265,7 +274,7 @@ def contgen_train(spec: dict, state: dict, precision: str, scope: str | None, ar
     from contgen.utils.ema import EMA
 
     batch = args.batch
-    net = build_contgen_tit(args.tiny, device, args.seed, state).train()
+    net = build_contgen_tit(args.tiny, device, args.seed, state, builds_compiled(scope)).train()
     o, op = spec["objective"], spec["optim"]
     obj = UCGMObjective("linear", consistc_ratio=o["consistc_ratio"], enhanced_ratio=o["enhanced_ratio"],
                         enhanced_style=o["enhanced_style"], enhanced_range=COMMON_OBJECTIVE["enhanced_range"],
@@ -325,7 +334,7 @@ def contgen_train(spec: dict, state: dict, precision: str, scope: str | None, ar
 def contgen_sample(spec: dict, state: dict, precision: str, scope: str | None, args, device) -> dict:
     from contgen.transport.solvers import UCGMSampler
 
-    net = build_contgen_tit(args.tiny, device, args.seed, state).eval()  # stands for the EMA weights
+    net = build_contgen_tit(args.tiny, device, args.seed, state, builds_compiled(scope)).eval()  # the EMA weights
     compile_denoiser(net, scope)
     s = spec["sampler"]
     kw = dict(stochast_ratio=s["stochast_ratio"], extrapol_ratio=s["extrapol_ratio"], order=s["order"],
@@ -544,7 +553,8 @@ class RefUCGM:
         from contgen.transport.ucgm import UCGMObjective
 
         device, n = self.device, args.batch
-        rnet, cnet = self.build(state).eval(), build_contgen_tit(args.tiny, device, args.seed, state).eval()
+        rnet = self.build(state).eval()
+        cnet = build_contgen_tit(args.tiny, device, args.seed, state, compile_blocks=True).eval()  # the default
         sz = size(self.tiny)
         g = torch.Generator(device).manual_seed(args.seed + 7)
         x = torch.randn(n, IN_CHANNELS, sz["input_size"], sz["input_size"], generator=g, device=device)
@@ -629,7 +639,8 @@ def run_variant(case: str, side: str, precision: str, scope, args, device, ref_c
 
 def variants(args) -> list[tuple[str, str, str, str | None]]:
     """(case, side, precision, compile scope) in run order: per side, the reference first."""
-    scopes = {"off": [None], "on": [args.compile_scope], "both": [None, args.compile_scope]}[args.compile]
+    chosen = args.compile_scope.split(",")
+    scopes = {"off": [None], "on": chosen, "both": [None, *chosen]}[args.compile]
     out = []
     for side in args.sides.split(","):
         for scope in (scopes if side == "contgen" else [None]):
@@ -667,7 +678,9 @@ def main() -> None:
     p.add_argument("--train-precisions", default="bf16")
     p.add_argument("--sample-precisions", default="fp32,bf16")
     p.add_argument("--compile", choices=("off", "on", "both"), default="both", help="contgen variants")
-    p.add_argument("--compile-scope", choices=("blocks", "full"), default="blocks")
+    p.add_argument("--compile-scope", default="tit",
+                   help="contgen compiled variants, comma-separated from tit (the TiT's own compile_blocks, the "
+                        "default), blocks (Module.compile per block), full (the whole denoiser)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--warmup", type=int, default=3, help="training warm-up steps")
@@ -728,7 +741,7 @@ def main() -> None:
                 continue
             name = a.split("=")[0]
             if name in ("--cases", "--sides", "--train-precisions", "--sample-precisions", "--compile", "--out",
-                        "--isolate", "--deadline-s"):
+                        "--isolate", "--deadline-s", "--compile-scope"):
                 skip = "=" not in a
                 continue
             argv.append(a)
@@ -769,7 +782,7 @@ def main() -> None:
             sp = ",".join(dict.fromkeys(i[2] for i in items if CASES[i[0]]["kind"] == "sample")) or "fp32"
             scope = items[0][3]
             sel = ["--cases", cases, "--sides", items[0][1], "--train-precisions", tp, "--sample-precisions", sp,
-                   "--compile", "on" if scope else "off"]
+                   "--compile", "on" if scope else "off", "--compile-scope", scope or "tit"]
             child(sel, {"case": cases, "side": items[0][1], "compile": scope})
     else:
         state = build_contgen_tit(args.tiny, device, args.seed).state_dict()

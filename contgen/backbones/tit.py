@@ -12,6 +12,15 @@ DiT's adaLN-Zero transformer with four changes (tit.py:1-12), each a flag with t
   10000^(-2k/(head_dim/2)), adjacent channel pairs rotated together. It is added on top of the fixed sin-cos
   ``pos_embed``, which TiT keeps.
 
+``compile_blocks`` (default on): on CUDA each block runs through one ``torch.compile``d function shared by every
+block and every copy of the network (teacher, EMA), as the reference compiles its ``TiTBlock.forward``
+(tit.py:287, ``@torch.compile``); elsewhere (CPU, meta) and inside an outer compile the blocks run eagerly. Eager
+TiT-XL/2 on an H100 samples 1.7× (fp32) to 2.7× (bf16) slower than the compiled reference and its training step at
+batch 128 does not fit in 80 GB (bench/ucgm.py, 2026-11-26): the fp32 residual stream's element-wise work
+(RMSNorm, modulation, RoPE, SwiGLU gating) dominates unless fused. It is a class-level function, not
+``Module.compile``, because a deep copy of a ``Module.compile``d module calls the original's compiled
+``_call_impl``, i.e. the original's weights.
+
 ``wo_shift`` drops the adaLN shifts (4 modulation vectors per block instead of 6). Time is the raw t fed to
 the sinusoid (``time_scale=1``), as UCGM feeds its transports' native time. The contract and parameter names are
 those of :mod:`contgen.backbones.dit`; the rotary tables are persistent buffers ``feat_rope.freqs_cos`` /
@@ -112,12 +121,35 @@ class SwiGLUFFN(nn.Module):
         return self.w3(F.silu(a) * b)
 
 
+def _block_forward(block: "TiTBlock", x: torch.Tensor, c: torch.Tensor,
+                   rope: VisionRotaryEmbedding | None) -> torch.Tensor:
+    if block.wo_shift:
+        scale1, gate1, scale2, gate2 = block.adaLN_modulation(c).chunk(4, dim=-1)
+        shift1 = shift2 = None
+    else:
+        shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c).chunk(6, dim=-1)
+    x = x + gate1.unsqueeze(1) * block.attn(modulate(block.norm1(x), shift1, scale1), rope)
+    return x + gate2.unsqueeze(1) * block.mlp(modulate(block.norm2(x), shift2, scale2))
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_block_forward():
+    """``torch.compile(_block_forward)``, made once per process (compiling happens at the first call of each
+    grad mode / autocast state / dtype / shape; one graph serves all blocks, their parameters are inputs)."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_block_forward)
+    return _COMPILED["fn"]
+
+
 class TiTBlock(nn.Module):
     """adaLN-Zero block with RMSNorm / QK-norm / SwiGLU / RoPE (tit.py:222-306)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool, use_swiglu: bool,
-                 use_rmsnorm: bool, wo_shift: bool):
+                 use_rmsnorm: bool, wo_shift: bool, compile_block: bool = False):
         super().__init__()
+        self.compile_block = compile_block
         norm = (lambda: RMSNorm(hidden_size)) if use_rmsnorm else \
             (lambda: nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
         self.norm1 = norm()
@@ -129,24 +161,21 @@ class TiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (4 if wo_shift else 6) * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: VisionRotaryEmbedding | None = None) -> torch.Tensor:
-        if self.wo_shift:
-            scale1, gate1, scale2, gate2 = self.adaLN_modulation(c).chunk(4, dim=-1)
-            shift1 = shift2 = None
-        else:
-            shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        if self.compile_block and x.is_cuda and not torch.compiler.is_compiling():
+            return _compiled_block_forward()(self, x, c, rope)
+        return _block_forward(self, x, c, rope)
 
 
 class TiT(LatentDenoiser):
     """TiT (tit.py:337-504). Constructor fields beyond the shared ones mirror the reference's flags; defaults are
-    the reference's (every published TiT run uses them). ``learn_sigma`` exists for layout compatibility only."""
+    the reference's (every published TiT run uses them). ``learn_sigma`` exists for layout compatibility only.
+    ``compile_blocks``: compile the block function on CUDA (module docstring); False runs every block eagerly."""
 
     def __init__(self, input_size: int, in_channels: int, num_classes: int, *, patch_size: int = 2,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                  learn_sigma: bool = False, time_scale: float = 1.0, use_qknorm: bool = True,
                  use_swiglu: bool = True, use_rope: bool = True, use_rmsnorm: bool = True, wo_shift: bool = False,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, compile_blocks: bool = True):
         super().__init__(input_size, in_channels, num_classes, patch_size, hidden_size, num_heads, learn_sigma,
                          time_scale, grad_checkpointing)
         if depth < 1:
@@ -157,11 +186,21 @@ class TiT(LatentDenoiser):
         self.use_rope = use_rope
         self.feat_rope = VisionRotaryEmbedding(hidden_size // num_heads, self.x_embedder.grid) if use_rope else None
         self.blocks = nn.ModuleList([
-            TiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
+            TiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift,
+                     compile_block=compile_blocks)
             for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels,
                                       norm=RMSNorm(hidden_size) if use_rmsnorm else None)
         self.initialize_weights()
+
+    @property
+    def compile_blocks(self) -> bool:
+        return all(b.compile_block for b in self.blocks)
+
+    @compile_blocks.setter
+    def compile_blocks(self, on: bool) -> None:
+        for b in self.blocks:
+            b.compile_block = bool(on)
 
     def run_blocks(self, x: torch.Tensor, c: torch.Tensor, **kwargs) -> torch.Tensor:
         return super().run_blocks(x, c, rope=self.feat_rope)

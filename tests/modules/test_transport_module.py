@@ -83,3 +83,16 @@ def test_init_ckpt_loads_weights_and_ema_and_the_frozen_teacher_copies_the_init(
     assert all(torch.equal(a, b) for a, b in zip(third.ema.shadow.parameters(), first.ema.shadow.parameters()))
     with pytest.raises(FileNotFoundError, match="module.init_ckpt: no file at"):
         make(init_ckpt=str(tmp_path / "missing.ckpt")).setup("fit")
+
+
+def test_trains_from_the_token_cache_layout_with_flip_views():
+    """A cached batch holds (image, h-flip) moments per sample (contgen/data/cached.py); the family picks one view per
+    sample with the step's generator, as the UCGM reference's dataset picks latents or latents_flip."""
+    module = make(UCGMObjective(loss="mse", weight_function=None))
+    images = batch(4)["image"]
+    views = torch.stack([module.tokenizer.moments(images), module.tokenizer.moments(images.flip(-1))], dim=1)
+    g, _ = module.step_generators(0)
+    tokens = module.tokens_from_batch({"moments": views, "label": torch.arange(4)}, g)
+    picked = [any(torch.equal(tokens[i], views[i, v]) for v in (0, 1)) for i in range(4)]
+    assert all(picked)
+    assert torch.isfinite(module.training_step({"moments": views, "label": torch.arange(4)}, 0))

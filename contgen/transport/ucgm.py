@@ -67,7 +67,8 @@ def sample_beta(a: float, b: float, n: int, generator: torch.Generator | None = 
     seeded s it returns bit for bit what ``torch.manual_seed(s); Beta(a, b).sample([n])`` returns (tested).
     """
     dev = generator.device if generator is not None else (device or "cpu")
-    conc = torch.tensor([float(a), float(b)], dtype=torch.float32, device=dev).expand(n, 2)
+    conc = torch.empty(n, 2, dtype=torch.float32, device=dev)  # filled from Python scalars: no host-to-device copy
+    conc[:, 0], conc[:, 1] = float(a), float(b)
     return torch._sample_dirichlet(conc, generator=generator)[:, 0]
 
 

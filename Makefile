@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help install demo test test-slow test-all test-gpu bench clean
+.PHONY: help install demo test test-slow test-all test-gpu bench bench-ucgm clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ test-gpu:  ## GPU checks (skip cleanly without one)
 
 bench:  ## GPU speed, one JSON line per case; REF=<dir holding mar/ and EAR/ checkouts> adds the reference, same run
 	$(PY) bench/mar_ear.py $(if $(REF),--reference-root $(REF),--sides contgen) $(BENCH_ARGS)
+
+bench-ucgm:  ## UCGM TiT-XL/2 speed; REF=<UCGM checkout, ae74912> adds the reference, same run
+	$(PY) bench/ucgm.py $(if $(REF),--reference-root $(REF),--sides contgen) --isolate side $(BENCH_ARGS)
 
 clean:  ## remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache

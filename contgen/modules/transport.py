@@ -39,8 +39,10 @@ class TransportModule(GenerativeModule):
         # the objective's stop-gradient model (ucgm.md §1.5), None unless the enhanced target reads one; in the
         # state dict, so an exact resume continues its EMA
         self.teacher = objective.build_teacher(self.net.denoiser)
-        if compile:
-            self.net.denoiser.compile()
+        if compile:  # each copy on its own: a deep copy of a compiled module would run the original's weights
+            teacher = [self.teacher.net] if self.teacher is not None and self.teacher.net is not None else []
+            for net in (self.net.denoiser, self.ema.shadow.denoiser, *teacher):
+                net.compile()
 
     @classmethod
     def from_config(cls, cfg, tokenizer: nn.Module, num_classes: int) -> "TransportModule":

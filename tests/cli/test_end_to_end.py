@@ -20,6 +20,12 @@ TINY = [
 ]
 
 
+UCGM_TINY = ["method=ucgm", "data.image_size=16", "data.train.num_samples=128", "data.batch_size=32", "model.hidden_size=32",
+             "model.depth=1", "model.num_heads=2", "sampler.steps=4", "trainer.log_every_n_steps=1",
+             "callbacks.sample_grid.every_n_steps=0", "callbacks.checkpoint.every_n_train_steps=3",
+             "metrics.num_samples=24", "metrics.batch_size=24"]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     import csv
 
@@ -62,14 +68,17 @@ def test_train_sample_evaluate(tmp_path, cache_dir):
     assert scores["num_samples"] == 24 and np.isfinite(scores["fd_builtin"])
 
 
-def test_killed_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("family", ["token_ar", "transport"])
+def test_killed_run_resumes_exactly(tmp_path, family):
     """A run SIGKILLed mid-epoch (after 7 steps; its last.ckpt is from step 6) and resumed with ckpt_path=last
-    reproduces the uninterrupted run's losses and final weights bit for bit on the CPU."""
+    reproduces the uninterrupted run's losses and final weights bit for bit on the CPU — for the transport family
+    its EMA teacher's ramp too."""
     import subprocess
     import sys
 
     full, part = tmp_path / "full", tmp_path / "part"
-    common = [*TINY, "evaluate_after_fit=false", "trainer.max_epochs=2", "logger.csv.flush_logs_every_n_steps=1"]
+    size, total = (TINY, 16) if family == "token_ar" else (UCGM_TINY, 8)  # 8 / 4 steps per epoch, 2 epochs
+    common = [*size, "evaluate_after_fit=false", "trainer.max_epochs=2", "logger.csv.flush_logs_every_n_steps=1"]
     run_script("train.py", *common, f"hydra.run.dir={full}")
     killed = subprocess.run([sys.executable, "train.py", *common, f"hydra.run.dir={part}",
                              "+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=7"],
@@ -81,7 +90,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     proc = run_script("train.py", *common, "ckpt_path=last", f"hydra.run.dir={part}")
     assert "not resumable" not in proc.stdout + proc.stderr  # the DataModule resumes mid-epoch exactly
     reference, resumed = losses(full), {**before, **losses(part)}
-    assert sorted(resumed) == sorted(reference) == list(range(16))
+    assert sorted(resumed) == sorted(reference) == list(range(total))
     assert all(resumed[s] == reference[s] for s in reference), (reference, resumed)
     a = load_checkpoint(full / "checkpoints" / "last.ckpt")["state_dict"]
     b = load_checkpoint(part / "checkpoints" / "last.ckpt")["state_dict"]
@@ -145,15 +154,10 @@ def test_method_ear_trains_samples_and_evaluates(tmp_path, cache_dir):
     assert {"fd_builtin", "class_acc"} <= set(json.loads((run / "metrics.json").read_text()))
 
 
-UCGM_TINY = ["data.image_size=16", "data.train.num_samples=128", "data.batch_size=32", "model.hidden_size=32",
-             "model.depth=1", "model.num_heads=2", "sampler.steps=4", "trainer.log_every_n_steps=1",
-             "callbacks.sample_grid.every_n_steps=0", "metrics.num_samples=24", "metrics.batch_size=24"]
-
-
 def test_method_ucgm_trains_samples_and_evaluates(tmp_path, cache_dir):
     """The transport family through the same entry points: module chosen by the preset, no branching on names."""
     run = tmp_path / "run"
-    run_script("train.py", "method=ucgm", *UCGM_TINY, "trainer.max_epochs=1", f"hydra.run.dir={run}",
+    run_script("train.py", *UCGM_TINY, "trainer.max_epochs=1", f"hydra.run.dir={run}",
                env={"CONTGEN_CACHE": cache_dir})
     state = load_checkpoint(run / "checkpoints" / "last.ckpt")
     config = state["contgen"]["config"]

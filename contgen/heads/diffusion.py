@@ -33,14 +33,17 @@ class TimestepEmbedder(nn.Module):
 
 
 class DenoiserMLP(AdaLNMLP):
-    """MAR's ``SimpleMLPAdaLN``: x_t drives the residual stream, time_embed(t) + cond_embed(z) the adaLN.
+    """MAR's ``SimpleMLPAdaLN``: x_t drives the residual stream, time_embed(time_scale·t) + cond_embed(z) the adaLN.
 
-    Outputs 2·token_dim channels: ε̂ and the variance interpolation v. Parameter names match
-    ``diffloss.net.*`` of MAR checkpoints.
+    The diffusion head outputs 2·token_dim channels (ε̂ and the variance interpolation v) on integer DDPM steps; the
+    transport heads ``out_dim`` = token_dim (one F) on t ∈ [0, 1] scaled by ``time_scale``. Parameter names match
+    ``diffloss.net.*`` of MAR checkpoints; a fresh net outputs exactly 0 (zero adaLN and output layers).
     """
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, grad_checkpointing: bool = False):
-        super().__init__(token_dim, width, depth, 2 * token_dim, grad_checkpointing)
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, grad_checkpointing: bool = False,
+                 out_dim: int | None = None, time_scale: float = 1.0):
+        super().__init__(token_dim, width, depth, out_dim or 2 * token_dim, grad_checkpointing)
+        self.time_scale = float(time_scale)
         self.time_embed = TimestepEmbedder(width)
         self.cond_embed = nn.Linear(cond_dim, width)
         self.init_weights()
@@ -52,7 +55,7 @@ class DenoiserMLP(AdaLNMLP):
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = self.time_embed(t) + self.cond_embed(z)
+        y = self.time_embed(t * self.time_scale) + self.cond_embed(z)
         return self.trunk(self.input_proj(x), y)
 
 

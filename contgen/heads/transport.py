@@ -33,8 +33,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from contgen.heads.diffusion import TimestepEmbedder
-from contgen.nn import AdaLNMLP
+from contgen.heads.diffusion import DenoiserMLP
 from contgen.transport.solvers import EulerSampler, HeunSampler, UCGMSampler
 from contgen.transport.ucgm import UCGMObjective
 
@@ -44,31 +43,11 @@ DEFAULT_SOLVER = {"name": "ucgm", "steps": 16, "stochast_ratio": 0.0, "extrapol_
                   "time_dist_ctrl": (1.0, 1.0, 1.0), "rfba_gap_steps": (0.0, 0.0), "return_x": "final_x"}
 
 
-class TransportMLP(AdaLNMLP):
-    """MAR's ``SimpleMLPAdaLN`` with one output F per token channel: ``net(x_t, t, z) -> F`` (same shape as x_t).
-
-    ``t`` is the transport's native time in [0, 1]; the sinusoidal embedding sees ``time_scale · t``. Parameter
-    names are MAR's (``input_proj``, ``time_embed``, ``cond_embed``, ``res_blocks``, ``final_layer``); a fresh net
-    outputs exactly 0 (zero adaLN and output layers, diffloss.py:194-215).
-    """
-
-    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, time_scale: float = 1000.0,
-                 grad_checkpointing: bool = False):
-        super().__init__(token_dim, width, depth, token_dim, grad_checkpointing)
-        self.time_scale = float(time_scale)
-        self.time_embed = TimestepEmbedder(width)
-        self.cond_embed = nn.Linear(cond_dim, width)
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        """AdaLNMLP init plus N(0, 0.02) time-MLP weights, as MAR's head (diffloss.py:194-215)."""
-        super().init_weights()
-        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        c = self.time_embed(t * self.time_scale) + self.cond_embed(z)
-        return self.trunk(self.input_proj(x), c)
+def transport_mlp(token_dim: int, cond_dim: int, width: int, depth: int, time_scale: float = 1000.0,
+                  grad_checkpointing: bool = False) -> DenoiserMLP:
+    """MAR's AdaLN MLP with one output F per token channel: ``net(x_t, t, z) -> F`` (same shape as x_t); ``t`` is the
+    transport's native time in [0, 1], embedded as ``time_scale · t``."""
+    return DenoiserMLP(token_dim, cond_dim, width, depth, grad_checkpointing, out_dim=token_dim, time_scale=time_scale)
 
 
 class _GuidedNet:
@@ -123,7 +102,7 @@ class TransportHead(nn.Module):
             raise ValueError(f"head.batch_mul: must be >= 1, got {batch_mul}")
         self.token_dim = token_dim
         self.batch_mul = int(batch_mul)
-        self.net = TransportMLP(token_dim, cond_dim, width, depth, time_scale, grad_checkpointing)
+        self.net = transport_mlp(token_dim, cond_dim, width, depth, time_scale, grad_checkpointing)
         try:
             self.objective = UCGMObjective(
                 transport, consistc_ratio=consistc_ratio, enhanced_ratio=0.0, scaled_cbl_eps=scaled_cbl_eps,
@@ -218,4 +197,4 @@ class TransportHead(nn.Module):
         return f"token_dim={self.token_dim}, batch_mul={self.batch_mul}, {self.objective!r}, {self.solver!r}"
 
 
-__all__ = ["SOLVERS", "TransportHead", "TransportMLP"]
+__all__ = ["SOLVERS", "TransportHead", "transport_mlp"]

@@ -23,12 +23,12 @@ Files are read with ``torch.load(weights_only=True)``. Training checkpoints of D
 from __future__ import annotations
 
 import logging
-import os
-import pickle
 import re
 
 import torch
 from torch import nn
+
+from contgen.utils.reference_ckpt import read_released
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,6 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 REFERENCE_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16, 1536: 24, 1792: 28}
 
 
-def _read(path: str, allow_pickle: bool):
-    if not os.path.isfile(path):
-        raise ValueError(f"denoiser checkpoint: file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"denoiser checkpoint: {path} holds pickled Python objects besides tensors (e.g. the argparse Namespace "
-            "under 'args' in DiT/REPA training checkpoints), which torch.load(weights_only=True) refuses. Unpickling "
-            "can run arbitrary code: only for a file you trust, pass allow_pickle=True."
-        ) from e
-
-
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -58,7 +45,7 @@ def _is_state_dict(obj) -> bool:
 def read_denoiser_state(path: str, use_ema: bool = True, allow_pickle: bool = False) -> tuple[dict, str]:
     """The state dict held by ``path`` and where it came from (``"ema"``, ``"model"`` or ``"state_dict"`` for a
     bare file), with a whole-file ``module.`` / ``_orig_mod.`` prefix removed."""
-    obj = _read(path, allow_pickle)
+    obj = read_released(path, allow_pickle, what="denoiser checkpoint")
     if _is_state_dict(obj):
         state, source = obj, "state_dict"
     elif isinstance(obj, dict):

@@ -19,14 +19,16 @@ from torch import nn
 HEAD_PREFIXES = ("diffloss.", "scoreloss.")
 
 
-def _read(path: str, allow_pickle: bool) -> dict:
+def read_released(path: str, allow_pickle: bool, what: str = "ckpt") -> dict:
+    """``torch.load`` of a released reference file on the CPU, tensors only unless ``allow_pickle`` (for trusted
+    files: the references' training checkpoints pickle an argparse Namespace); errors start with ``what``."""
     if not os.path.isfile(path):
-        raise ValueError(f"ckpt: file not found: {path}")
+        raise ValueError(f"{what}: file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
         raise ValueError(
-            f"ckpt: {path} holds pickled Python objects besides tensors (e.g. the reference's argparse "
+            f"{what}: {path} holds pickled Python objects besides tensors (e.g. the reference's argparse "
             "Namespace under 'args'), which torch.load(weights_only=True) refuses. Unpickling can run arbitrary "
             "code: only for a file you trust, pass allow_pickle=True (allow_pickle=true on the command line)."
         ) from e
@@ -55,7 +57,7 @@ def load_reference_mar(path: str, backbone: nn.Module, head: nn.Module, use_ema:
     are those under ``diffloss.`` or ``scoreloss.``, with the prefix removed; everything else belongs
     to the backbone. Both must match exactly (names and shapes), or a ValueError lists the differences.
     """
-    ckpt = _read(path, allow_pickle)
+    ckpt = read_released(path, allow_pickle)
     key = "model_ema" if use_ema else "model"
     if not isinstance(ckpt, dict) or key not in ckpt:
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -78,7 +80,7 @@ def reference_num_classes(path: str, allow_pickle: bool = False) -> int:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
     except (RuntimeError, OSError, pickle.UnpicklingError):  # legacy (non-zip) format, missing file or pickled objects: _read gives the clear error
-        ckpt = _read(path, allow_pickle)
+        ckpt = read_released(path, allow_pickle)
     states = [ckpt[k] for k in ("model_ema", "model") if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)]
     weight = next((s["class_emb.weight"] for s in states if "class_emb.weight" in s), None)
     if weight is None or weight.ndim != 2:

@@ -193,4 +193,5 @@ def test_evaluate_inception_fid_offline(tmp_path, monkeypatch):
                "metrics.batch_size=10", "metrics.builtin=none", f"metrics.inception_weights={tmp_path / 'inc.pth'}",
                f"metrics.ref_stats={tmp_path / 'ref.npz'}", f"hydra.run.dir={ev}")
     scores = json.loads((ev / "metrics.json").read_text())
-    assert np.isfinite(scores["fid"]) and scores["fid"] > 0 and scores["is"] >= 1.0 and "fd_builtin" not in scores
+    # IS = exp(mean KL) >= 1 exactly; with near-uniform logits of random weights the mean KL rounds to ~-1e-16
+    assert np.isfinite(scores["fid"]) and scores["fid"] > 0 and scores["is"] >= 1.0 - 1e-12 and "fd_builtin" not in scores

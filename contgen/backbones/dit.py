@@ -293,9 +293,58 @@ class SiT(DiT):
                          time_scale=time_scale, grad_checkpointing=grad_checkpointing)
 
 
+class ShortcutDiT(SiT):
+    """The DiT of Shortcut models (Frans et al. 2025; kvfrans/shortcut-models ``model.py``): a velocity model
+    ``net(x, t, y, level)`` conditioned on the step size as well as the time, c = t_emb(t) + y_emb(y) + dt_emb(level)
+    (model.py:261-264) with two separate timestep embedders. Its time is the reference's own: t in [0, 1] with
+    0 = noise, fed unscaled (model.py:83 is commented out; ``time_scale`` is the optional t-scale knob), and its step
+    size the integer level log2(1/d) in 0..log2(denoise_timesteps) (the reference's ``dt_base``), embedded like a
+    time. :class:`contgen.transport.shortcut.ShortcutObjective` converts to contgen's time (t = 1 is noise).
+
+    ``reference_faithful`` (the presets' setting) keeps the reference's block details where they differ from
+    facebookresearch DiT: attention logits scaled by 1/head_dim, not 1/sqrt(head_dim) (model.py:181); the blocks'
+    adaLN projections Xavier-initialised, not zero (model.py:168; only the final layer starts at zero), and q, k, v
+    initialised as three separate Xavier matrices (model.py:172-174). The rest is already the reference's in
+    :class:`DiTBlock`: non-affine LayerNorm (eps 1e-6, Flax's default), GELU with the tanh approximation (Flax's
+    default) and ``modulate`` without the scale clipping of math_utils.py (model.py:144 shadows it).
+    Released Flax checkpoints load through :func:`contgen.utils.flax_ckpt.read_shortcut_checkpoint`.
+    """
+
+    def __init__(self, input_size: int, in_channels: int, num_classes: int, *, patch_size: int = 2,
+                 hidden_size: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 time_scale: float = 1.0, reference_faithful: bool = True, grad_checkpointing: bool = False):
+        super().__init__(input_size, in_channels, num_classes, patch_size=patch_size, hidden_size=hidden_size,
+                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, learn_sigma=False,
+                         time_scale=time_scale, grad_checkpointing=grad_checkpointing)
+        self.reference_faithful = reference_faithful
+        self.dt_embedder = TimestepEmbedder(hidden_size, time_scale=1.0)
+        nn.init.normal_(self.dt_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.dt_embedder.mlp[2].weight, std=0.02)
+        nn.init.zeros_(self.dt_embedder.mlp[0].bias)
+        nn.init.zeros_(self.dt_embedder.mlp[2].bias)
+        if reference_faithful:
+            for block in self.blocks:
+                block.attn.scale = 1.0 / (hidden_size // num_heads)
+                nn.init.xavier_uniform_(block.adaLN_modulation[-1].weight)
+                for w in block.attn.qkv.weight.data.chunk(3, dim=0):
+                    nn.init.xavier_uniform_(w)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                level: torch.Tensor | None = None, full_output: bool = False) -> torch.Tensor:
+        """v = net(x, t, y, level): t (B,) in [0, 1] with 0 = noise, level (B,) the integer log2(1/d)."""
+        if level is None:
+            raise ValueError("a Shortcut denoiser needs the step level (log2 of the number of steps): sample it with "
+                             "sampler=shortcut")
+        self.check_input(x)
+        c = self.condition(t, y, x.shape[0]) + self.dt_embedder(level.reshape(-1).expand(x.shape[0]))
+        h = self.x_embedder(x) + self.pos_embed
+        h = self.final_layer(self.run_blocks(h, c), c)
+        return self.unpatchify(h, self.in_channels)
+
+
 def count_parameters(net: nn.Module) -> int:
     """All parameters, frozen ``pos_embed`` included: the number the reference training scripts print."""
     return sum(p.numel() for p in net.parameters())
 
 
-__all__ = ["DiT", "SiT", "LatentDenoiser", "SIZES", "count_parameters", "sincos_pos_embed_2d"]
+__all__ = ["DiT", "SiT", "ShortcutDiT", "LatentDenoiser", "SIZES", "count_parameters", "sincos_pos_embed_2d"]

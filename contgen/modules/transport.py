@@ -38,7 +38,7 @@ class TransportModule(GenerativeModule):
         self.objective, self.sampler = objective, sampler
         # the objective's stop-gradient model (ucgm.md §1.5), None unless the enhanced target reads one; in the
         # state dict, so an exact resume continues its EMA
-        self.teacher = objective.build_teacher(self.net.denoiser)
+        self.teacher = objective.build_teacher(self.net.denoiser, ema=self.ema.shadow.denoiser)
         if compile:  # each copy on its own: a deep copy of a compiled module would run the original's weights
             teacher = [self.teacher.net] if self.teacher is not None and self.teacher.net is not None else []
             for net in (self.net.denoiser, self.ema.shadow.denoiser, *teacher):
@@ -65,9 +65,12 @@ class TransportModule(GenerativeModule):
         return self.net.denoiser, None
 
     def setup(self, stage: str) -> None:
-        """``module.init_ckpt`` is read when fitting starts, not when the module is built, so that sample.py and
+        """The objective binds the batch layout (Shortcut's levels over the global batch). ``module.init_ckpt`` is read
+        when fitting starts, not when the module is built, so that sample.py and
         evaluate.py (which rebuild the module from its own checkpoint) never need the file; Lightning restores a
         resumed run's own weights after this hook, over the init."""
+        if stage == "fit":  # the batch layout over the devices, refused here (before any compute) if it cannot work
+            self.objective.setup(self.trainer.datamodule.batch_size, self.trainer.world_size, self.global_rank)
         if stage == "fit" and self.init_ckpt is not None:
             self.load_init(self.init_ckpt)
             if self.teacher is not None and self.objective.teacher_checkpoint is None:

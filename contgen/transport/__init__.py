@@ -6,6 +6,7 @@ from contgen.transport.transports import (
     TRANSPORTS,
     Linear,
     ReLinear,
+    ShortcutLinear,
     Transport,
     TrigFlow,
     TrigLinear,
@@ -15,6 +16,6 @@ from contgen.transport.transports import (
 from contgen.transport.solvers import CFGDenoiser, EulerSampler, HeunSampler, UCGMSampler, time_grid
 
 __all__ = [
-    "EDM", "TRANSPORTS", "Linear", "ReLinear", "Transport", "TrigFlow", "TrigLinear", "build_transport",
+    "EDM", "TRANSPORTS", "Linear", "ReLinear", "ShortcutLinear", "Transport", "TrigFlow", "TrigLinear", "build_transport",
     "expand_time", "CFGDenoiser", "EulerSampler", "HeunSampler", "UCGMSampler", "time_grid",
 ]

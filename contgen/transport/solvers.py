@@ -98,16 +98,19 @@ class CFGDenoiser:
         lo, hi = self.cfg_interval
         return self.enabled and lo <= t_native <= hi
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, guide: bool) -> torch.Tensor:
-        """F of ``net`` at (x, t native (B,), y); ``guide`` says whether this call is inside the interval."""
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, guide: bool,
+                 **cond: torch.Tensor) -> torch.Tensor:
+        """F of ``net`` at (x, t native (B,), y, **cond); ``guide`` says whether this call is inside the interval.
+        ``cond`` holds further per-row inputs (Shortcut's step ``level``), duplicated for the null half."""
         if not guide:
-            return self.net(x, t, y)
+            return self.net(x, t, y, **cond)
         if y is None:
             raise ValueError("classifier-free guidance needs class labels y")
         null = self.null_class if self.null_class is not None else getattr(self.net, "num_classes", None)
         if null is None:
             raise ValueError("classifier-free guidance needs the null class: net.num_classes or null_class=")
-        out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+        out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]),
+                       **{k: torch.cat([v, v]) for k, v in cond.items()})
         cond, uncond = out.chunk(2)
         if self.channels is None:
             return uncond + self.cfg_scale * (cond - uncond)

@@ -62,9 +62,9 @@ class Teacher(nn.Module):
         """The network the teacher evaluates."""
         return self._online[0] if self.policy == "online" else self.net
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, **cond) -> torch.Tensor:
         with torch.no_grad():
-            return self.module(x, t, y)
+            return self.module(x, t, y, **cond)
 
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:

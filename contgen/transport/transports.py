@@ -130,16 +130,17 @@ class Transport:
         z_hat = (gt * x_t - g * F) / den
         return x_hat, z_hat
 
-    def model_output(self, net, x_t: torch.Tensor, t, y) -> torch.Tensor:
-        """F = output_sign · net(x_t, native_time(t) as (B,), y) (unigen.py:204-206).
+    def model_output(self, net, x_t: torch.Tensor, t, y, **cond) -> torch.Tensor:
+        """F = output_sign · net(x_t, native_time(t) as (B,), y, **cond) (unigen.py:204-206).
 
         ``t`` may be a scalar (shared by the batch), (B,) or (B, 1, ..., 1); the network always gets (B,).
+        ``cond`` is passed through (Shortcut's step ``level``).
         """
         t = torch.as_tensor(t, device=x_t.device)
         t = t.reshape(-1)
         if t.numel() == 1:
             t = t.expand(x_t.shape[0])
-        F = net(x_t, self.native_time(t), y)
+        F = net(x_t, self.native_time(t), y, **cond)
         return -F if self.flipped else F
 
     def predict(self, net, x_t: torch.Tensor, t, y):
@@ -187,6 +188,44 @@ class ReLinear(Transport):
 
     def _gamma_to(self, t):
         return torch.ones_like(t)
+
+
+class ShortcutLinear(Transport):
+    """Shortcut models' path (targets_shortcut.py:38, 94-95): native s = 0 is noise, x_s = (1 − (1 − ε)s)·z + s·x and
+    v = x − (1 − ε)·z with ε = 1e-5, so that x_0 = z and x_1 ≈ x. The network is fed s = 1 − t and outputs v.
+
+    Unlike ReLinear, the ε makes the schedule asymmetric, so the reference's α↔γ swap would put ε on the data
+    coefficient: this one is normalised by evaluating the native schedule at s = 1 − t and negating the targets
+    (d/dt = −d/ds). For the dyadic times Shortcut trains on, 1 − (1 − s) = s exactly, so paths and targets equal the
+    reference's bit for bit (F = −v, x_t − h·F = x_s + h·v).
+    """
+
+    name = "shortcut"
+    eps = 1e-5
+
+    def _alpha_in(self, s):
+        return 1 - (1 - self.eps) * s
+
+    def _gamma_in(self, s):
+        return s
+
+    def _alpha_to(self, s):
+        return -(1 - self.eps) * torch.ones_like(s)
+
+    def _gamma_to(self, s):
+        return torch.ones_like(s)
+
+    def alpha_in(self, t):
+        return self._alpha_in(1 - torch.as_tensor(t))
+
+    def gamma_in(self, t):
+        return self._gamma_in(1 - torch.as_tensor(t))
+
+    def alpha_to(self, t):
+        return -self._alpha_to(1 - torch.as_tensor(t))
+
+    def gamma_to(self, t):
+        return -self._gamma_to(1 - torch.as_tensor(t))
 
 
 class TrigFlow(Transport):
@@ -258,6 +297,7 @@ TRANSPORTS: dict[str, type[Transport]] = {
     "trigflow": TrigFlow,
     "triglinear": TrigLinear,
     "edm": EDM,
+    "shortcut": ShortcutLinear,
 }
 
 

@@ -162,8 +162,12 @@ class UCGMObjective:
         uses the online weights (L281)."""
         return self.enhanced_ratio != 0.0
 
-    def build_teacher(self, net: torch.nn.Module):
-        """The teacher for ``net`` (build it after the init weights are loaded), or None if not needed."""
+    def setup(self, batch_size: int, world_size: int = 1, rank: int = 0) -> None:
+        """The objective interface's hook for the batch layout before training: UCGM-T's rows are independent."""
+
+    def build_teacher(self, net: torch.nn.Module, ema: torch.nn.Module | None = None):
+        """The teacher for ``net`` (build it after the init weights are loaded), or None if not needed. UCGM's
+        teacher keeps its own ramped EMA (teacher.py), so the module's EMA copy ``ema`` is not used."""
         if not self.needs_teacher:
             return None
         from contgen.transport.teacher import build_teacher

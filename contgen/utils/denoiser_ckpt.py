@@ -16,6 +16,9 @@ the file around the weights:
 * **a strict check** — every other key must match by name and shape, or a ValueError names the file, each
   missing / unexpected key and each shape mismatch, and what the file's shapes say its configuration is.
 
+* **Shortcut models' Flax pickles** — converted by :mod:`contgen.utils.flax_ckpt` (``params`` = ``model``,
+  ``params_ema`` = ``ema``); their fixed ``pos_embed`` is not stored, so the network's own is kept.
+
 Files are read with ``torch.load(weights_only=True)``. Training checkpoints of DiT and REPA also pickle an
 ``argparse.Namespace`` under ``args``, which that refuses: ``allow_pickle=True`` opts in, for trusted files only.
 """
@@ -28,6 +31,7 @@ import re
 import torch
 from torch import nn
 
+from contgen.utils.flax_ckpt import is_shortcut_checkpoint, read_shortcut_checkpoint
 from contgen.utils.reference_ckpt import read_released
 
 log = logging.getLogger(__name__)
@@ -45,7 +49,10 @@ def _is_state_dict(obj) -> bool:
 def read_denoiser_state(path: str, use_ema: bool = True, allow_pickle: bool = False) -> tuple[dict, str]:
     """The state dict held by ``path`` and where it came from (``"ema"``, ``"model"`` or ``"state_dict"`` for a
     bare file), with a whole-file ``module.`` / ``_orig_mod.`` prefix removed."""
-    obj = read_released(path, allow_pickle, what="denoiser checkpoint")
+    if is_shortcut_checkpoint(path):
+        obj = read_shortcut_checkpoint(path, allow_pickle)
+    else:
+        obj = read_released(path, allow_pickle, what="denoiser checkpoint")
     if _is_state_dict(obj):
         state, source = obj, "state_dict"
     elif isinstance(obj, dict):
@@ -139,6 +146,8 @@ def load_denoiser(path: str, net: nn.Module, use_ema: bool = True, allow_pickle:
         log.info("denoiser checkpoint %s: dropped %d keys under %s (REPA's alignment projectors; not part of the "
                  "denoiser)", path, len(dropped), ", ".join(drop_prefixes))
         state = {k: v for k, v in state.items() if not k.startswith(tuple(drop_prefixes))}
+    if is_shortcut_checkpoint(path):  # the reference recomputes its fixed sin-cos table instead of storing it
+        state["pos_embed"] = net.state_dict()["pos_embed"]
     check_denoiser_state(path, net, state)
     net.load_state_dict(state, assign=assign)  # assign keeps the module's requires_grad: pos_embed stays frozen
     return {"source": source, "dropped": dropped}

@@ -37,6 +37,7 @@ Deliberate differences (none changes the distribution the reference trains on):
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -239,9 +240,10 @@ class ShortcutObjective:
 
     # -- loss -------------------------------------------------------------------------------------------------
     def loss(self, net, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, teacher=None,
-             draws: dict | None = None):
+             draws: dict | None = None, weights: torch.Tensor | None = None):
         """(mean over the merged batch of the per-row MSE, detached logs: loss_flow, loss_bootstrap, loss per level,
-        target RMS, and the level histogram when levels are drawn). ``teacher`` is :meth:`build_teacher`'s."""
+        target RMS, and the level histogram when levels are drawn). ``teacher`` is :meth:`build_teacher`'s.
+        ``weights`` (rows,): a weighted mean instead (the per-token head's row mask); the logs stay unweighted."""
         if teacher is None:
             raise ValueError("the Shortcut objective needs the half-step network: pass teacher=build_teacher(...)")
         if draws is None:
@@ -249,7 +251,7 @@ class ShortcutObjective:
         tg = self.targets(teacher, x, y, draws)
         F = self.transport.model_output(net, tg["x_t"], tg["t"], tg["y"], level=tg["level"])
         per_row = (F - tg["target"]).square().mean(dim=tuple(range(1, F.ndim)))
-        loss = per_row.mean()
+        loss = per_row.mean() if weights is None else (per_row * weights).sum() / weights.sum()
         rows, L = tg["rows"], self.num_levels
         per = per_row.detach().float()
         logs = dict(tg["rms"])
@@ -274,6 +276,19 @@ class ShortcutObjective:
         return (f"ShortcutObjective(M={self.denoise_timesteps}, bootstrap_every={self.bootstrap_every}, "
                 f"ema={self.bootstrap_ema}, cfg={self.bootstrap_cfg} w={self.cfg_scale}, "
                 f"levels={self.level_assignment}{' biased' if self.bootstrap_dt_bias else ''})")
+
+
+def shortcut_euler(net, noise: torch.Tensor, y, steps: int, transport: ShortcutLinear) -> torch.Tensor:
+    """N = ``steps`` equal Euler steps at level log2 N from noise at t = 1 (helper_eval.py:150-166): x ← x − F/N with
+    F = ``transport.model_output(net, x, t, y, level=log2 N)``, t = 1 − i/N; no clipping. Shared by
+    :class:`ShortcutSampler` (images) and the per-token shortcut head (``y`` = condition rows)."""
+    b, dev = noise.shape[0], noise.device
+    level = torch.full((b,), int(math.log2(steps)), dtype=torch.long, device=dev)
+    x = noise
+    for i in range(steps):
+        t = torch.full((b,), 1 - i / steps, dtype=torch.float32, device=dev)
+        x = x - transport.model_output(net, x, t, y, level=level) * (1 / steps)
+    return x
 
 
 class ShortcutSampler:
@@ -316,20 +331,13 @@ class ShortcutSampler:
 
     @torch.no_grad()
     def __call__(self, net, noise: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator | None = None):
-        n = self.steps
         if self.cfg_scale == 0.0:
             y = torch.full((noise.shape[0],), net.num_classes, dtype=torch.long, device=noise.device)
         cfg = CFGDenoiser(net, self.cfg_scale)
-        level = torch.full((noise.shape[0],), int(math.log2(n)), dtype=torch.long, device=noise.device)
-        x = noise
-        for i in range(n):
-            t = torch.full((noise.shape[0],), 1 - i / n, dtype=torch.float32, device=noise.device)
-            F = self.transport.output_sign * cfg(x, self.transport.native_time(t), y, cfg.enabled, level=level)
-            x = x - F * (1 / n)
-        return x
+        return shortcut_euler(functools.partial(cfg, guide=cfg.enabled), noise, y, self.steps, self.transport)
 
     def __repr__(self) -> str:
         return f"ShortcutSampler(steps={self.steps}, M={self.denoise_timesteps}, cfg={self.cfg_scale})"
 
 
-__all__ = ["LEVEL_ASSIGNMENTS", "ShortcutObjective", "ShortcutSampler", "bootstrap_levels"]
+__all__ = ["LEVEL_ASSIGNMENTS", "ShortcutObjective", "ShortcutSampler", "bootstrap_levels", "shortcut_euler"]

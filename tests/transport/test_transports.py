@@ -50,11 +50,13 @@ def test_estimates_recover_x_and_z_from_the_target(name, shape):
 @pytest.mark.parametrize("name", sorted(TRANSPORTS))
 def test_internal_convention_t1_is_noise(name):
     """After normalisation every transport has α(0) ≈ 0 (x_0 is data) and γ(1) small (x_1 is mostly noise):
-    exactly 0 for Linear/ReLinear, cos(1.57) = 8e-4 for the trig ones, 1/s(1) = 0.013 for EDM."""
+    exactly 0 for Linear/ReLinear, 1e-5 for Shortcut's (1 − 1e-5) path, cos(1.57) = 8e-4 for the trig ones,
+    1/s(1) = 0.013 for EDM. ReLinear and Shortcut are natively t = 0 = noise (flipped)."""
     tr = build_transport(name)
     assert float(tr.alpha_in(torch.tensor(0.0, dtype=torch.float64)).abs()) < 0.005
     assert float(tr.gamma_in(torch.tensor(1.0, dtype=torch.float64)).abs()) < 0.02
-    assert tr.flipped == (name == "relinear") and tr.output_sign == (-1 if name == "relinear" else 1)
+    flipped = name in ("relinear", "shortcut")
+    assert tr.flipped == flipped and tr.output_sign == (-1 if flipped else 1)
 
 
 def test_expand_time_shapes():

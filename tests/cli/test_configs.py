@@ -46,7 +46,9 @@ def test_model_options_instantiate(name):
     with torch.device("meta"):  # the paper sizes are big: build on the meta device
         if "input_size" in inspect.signature(get_class(cfg.model._target_)).parameters:  # a transport denoiser
             net = instantiate(cfg.model)(input_size=32, in_channels=4, num_classes=1000)
-            assert net(torch.zeros(2, 4, 32, 32), torch.zeros(2), torch.zeros(2, dtype=torch.long)).shape == (2, 4, 32, 32)
+            level = {"level": torch.zeros(2)} if "level" in inspect.signature(net.forward).parameters else {}  # Shortcut
+            out = net(torch.zeros(2, 4, 32, 32), torch.zeros(2), torch.zeros(2, dtype=torch.long), **level)
+            assert out.shape == (2, 4, 32, 32)
         else:  # a token backbone
             assert instantiate(cfg.model)(seq_len=256, token_dim=16, num_classes=1000).cond_dim > 0
 
@@ -75,7 +77,8 @@ def test_tokenizer_options_instantiate(name, tmp_path):
 
 @pytest.mark.parametrize("name", options("sampler"))
 def test_sampler_options_instantiate(name):
-    assert instantiate(compose_train(f"sampler={name}").sampler).num_iter >= 1
+    objective = ["objective=shortcut"] if name == "shortcut" else []  # its level count is the objective's
+    assert instantiate(compose_train(f"sampler={name}", *objective).sampler).num_iter >= 1
 
 
 @pytest.mark.parametrize("name", options("data"))
@@ -195,6 +198,31 @@ def test_ucgm_recipe_values():
     for cfg in (multi, cfg):
         t = cfg.trainer
         assert cfg.data.batch_size * t.devices * t.num_nodes * t.accumulate_grad_batches == 1024
+
+
+def test_shortcut_recipe_values():
+    """shortcut.md §3: the README recipes on the reference's optimiser, EMA and SD-VAE ft-MSE posterior samples."""
+    for name, (hidden, depth, heads) in (("b", (768, 12, 12)), ("xl", (1152, 28, 16))):
+        cfg = compose_train(f"experiment=shortcut_dit_{name}_in256")
+        m, o = cfg.model, cfg.objective
+        assert m._target_.endswith("ShortcutDiT") and (m.hidden_size, m.depth, m.num_heads, m.patch_size) == (
+            hidden, depth, heads, 2) and m.reference_faithful and m.time_scale == 1.0
+        assert (o.denoise_timesteps, o.bootstrap_every, o.bootstrap_ema, o.bootstrap_cfg, o.cfg_scale) == (
+            128, 8, True, True, 1.5) and o.class_dropout_prob == 0.1 and o.clip_value == 4.0
+        t = cfg.trainer
+        assert cfg.data.batch_size * t.devices * t.num_nodes * t.accumulate_grad_batches == 256
+        assert t.max_steps == 810000
+    celeba = compose_train("experiment=shortcut_dit_b_celebahq256")
+    assert (celeba.objective.cfg_scale, celeba.objective.class_dropout_prob, celeba.sampler.cfg_scale) == (0.0, 1.0, 0.0)
+    assert celeba.data.batch_size * celeba.trainer.devices == 64 and celeba.trainer.max_steps == 410000
+    for cfg in (celeba, compose_train("experiment=shortcut_dit_xl_in256")):
+        o = cfg.optim
+        assert (o.name, o.lr, list(o.betas), o.weight_decay, o.schedule, o.warmup_epochs) == (
+            "adamw", 1e-4, [0.9, 0.999], 0.1, "constant", 0)
+        assert (o.ema_decay, o.ema_warmup, cfg.trainer.gradient_clip_val) == (0.999, False, None)
+        assert cfg.tokenizer._target_.endswith("SDVAETokenizer") and cfg.tokenizer.variant == "mse"
+        assert cfg.tokenizer.posterior == "sample" and cfg.trainer.precision == "bf16-mixed"
+        assert cfg.metrics.use_ema is False  # the reference samples with the online weights by default
 
 
 def test_every_script_the_makefile_runs_exists():

@@ -26,6 +26,12 @@ UCGM_TINY = ["method=ucgm", "data.image_size=16", "data.train.num_samples=128", 
              "metrics.num_samples=24", "metrics.batch_size=24"]
 
 
+SHORTCUT_TINY = ["method=shortcut", "data.train.num_samples=128", "data.batch_size=32", "model.hidden_size=32",
+                 "model.depth=1", "model.num_heads=2", "objective.bootstrap_every=4", "objective.denoise_timesteps=8",
+                 "trainer.log_every_n_steps=1", "callbacks.sample_grid.every_n_steps=0",
+                 "callbacks.checkpoint.every_n_train_steps=3", "metrics.num_samples=24", "metrics.batch_size=24"]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     import csv
 
@@ -171,6 +177,30 @@ def test_method_ucgm_trains_samples_and_evaluates(tmp_path, cache_dir):
     with pytest.raises(AssertionError, match="sampler.num_iter=4: not a setting of this checkpoint's sampler"):
         run_script("sample.py", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler.num_iter=4",
                    f"hydra.run.dir={tmp_path / 'bad'}")
+
+
+@pytest.mark.slow
+def test_shortcut_train_sample_evaluate_at_any_step_count(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    run_script("train.py", *SHORTCUT_TINY, "trainer.max_epochs=1", f"hydra.run.dir={run}",
+               env={"CONTGEN_CACHE": cache_dir})
+    import csv
+
+    with open(run / "csv" / "metrics.csv") as f:
+        logged = set(next(csv.DictReader(f)).keys())
+    assert {"train/loss_flow", "train/loss_bootstrap", "train/target_rms_bootstrap", "train/loss_level0",
+            "train/loss_level3"} <= logged  # levels 0..2 shortcut, 3 = flow (denoise_timesteps 8)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    for steps in (1, 8):
+        out = tmp_path / f"s{steps}"
+        run_script("sample.py", f"ckpt={ckpt}", "classes=[1]", "per_class=2", f"+sampler.steps={steps}",
+                   f"hydra.run.dir={out}")
+        assert np.load(out / "samples_seed0.npz")["arr_0"].shape == (2, 16, 16, 3)
+    with pytest.raises(AssertionError, match="sampler.steps must be a power of two"):
+        run_script("evaluate.py", f"ckpt={ckpt}", "+sampler.steps=3", f"hydra.run.dir={tmp_path / 'bad'}")
+    run_script("evaluate.py", f"ckpt={ckpt}", "+sampler.steps=2", "metrics.use_ema=false",
+               f"hydra.run.dir={tmp_path / 'ev'}", env={"CONTGEN_CACHE": cache_dir})
+    assert {"fd_builtin", "class_acc"} <= set(json.loads((tmp_path / "ev" / "metrics.json").read_text()))
 
 
 @pytest.mark.slow

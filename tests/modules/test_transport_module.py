@@ -96,3 +96,23 @@ def test_trains_from_the_token_cache_layout_with_flip_views():
     picked = [any(torch.equal(tokens[i], views[i, v]) for v in (0, 1)) for i in range(4)]
     assert all(picked)
     assert torch.isfinite(module.training_step({"moments": views, "label": torch.arange(4)}, 0))
+
+
+def test_shortcut_half_steps_read_the_module_ema_or_the_online_net():
+    """bootstrap_ema (the reference default): the half steps run the module's EMA copy, updated after each optimizer
+    step (train_state.py:55-59); false: the online weights. No second copy either way."""
+    from contgen.backbones.dit import ShortcutDiT
+    from contgen.transport.shortcut import ShortcutObjective, ShortcutSampler
+
+    tiny = functools.partial(ShortcutDiT, patch_size=4, hidden_size=32, depth=1, num_heads=2)
+    for ema in (True, False):
+        torch.manual_seed(0)
+        module = TransportModule(PatchTokenizer(16, 1), tiny, ShortcutObjective(bootstrap_every=1, bootstrap_ema=ema),
+                                 ShortcutSampler(steps=2), num_classes=12, optim=train_optim())
+        expected = module.ema.shadow.denoiser if ema else module.net.denoiser
+        assert module.teacher.module is expected and module.teacher.net is None
+        loss = module.training_step(batch(8), 0)
+        loss.backward()
+        assert torch.isfinite(loss) and module.net.denoiser.dt_embedder.mlp[0].weight.grad is not None
+        images = module.generate(torch.tensor([0, 11]), generator=torch.Generator().manual_seed(0))
+        assert images.shape == (2, 3, 16, 16)

@@ -37,3 +37,19 @@ class KillAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordShortcutLevels(L.Callback):
+    """Write each rank's Shortcut level layout and world size (``objective.layout``) to ``<dir>/rank<r>.json`` at the
+    first training batch: what the process group actually gives the objective."""
+
+    def __init__(self, dir: str):
+        self.dir = dir
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            import json
+
+            rows, levels = pl_module.objective.layout(len(batch["label"]))
+            with open(os.path.join(self.dir, f"rank{trainer.global_rank}.json"), "w") as f:
+                json.dump({"world_size": trainer.world_size, "rows": rows, "levels": levels}, f)

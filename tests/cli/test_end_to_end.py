@@ -204,6 +204,26 @@ def test_shortcut_train_sample_evaluate_at_any_step_count(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
+def test_shortcut_levels_over_the_global_batch_under_two_process_ddp(tmp_path, cache_dir):
+    """Two CPU processes (gloo, ddp_spawn), 8 rows each, bootstrap_every 4: 4 self-consistency rows over the global
+    batch of 16 for the 3 levels of denoise_timesteps 8 — global layout [2, 1, 0, 0], rank r takes rows r::2, so
+    each rank has 2 rows (fewer than the levels) and together they are the one-device layout. With 4 rows per device
+    the global rows (2) are fewer than the levels: refused before any training step."""
+    ddp = [*SHORTCUT_TINY, "objective.denoise_timesteps=8", "objective.bootstrap_every=4", "strategy=ddp_spawn",
+           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=1", "evaluate_after_fit=false",
+           "+callbacks.levels._target_=tests.helpers.RecordShortcutLevels", f"+callbacks.levels.dir={tmp_path}"]
+    run_script("train.py", *ddp, "data.batch_size=8", f"hydra.run.dir={tmp_path / 'run'}",
+               env={"CONTGEN_CACHE": cache_dir})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["rows"] for r in ranks] == [2, 2]
+    assert ranks[0]["levels"] == [2, 0] and ranks[1]["levels"] == [1, 0]
+    with pytest.raises(AssertionError, match=r"data.batch_size 4 x 2 device\(s\) // objective.bootstrap_every 4"):
+        run_script("train.py", *ddp, "data.batch_size=4", f"hydra.run.dir={tmp_path / 'bad'}",
+                   env={"CONTGEN_CACHE": cache_dir})
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.slow
 def test_evaluate_inception_fid_offline(tmp_path, monkeypatch):
     """FID/IS through torch-fidelity's InceptionV3 from a local weights file (random weights here: the pipeline,
     not the value, is under test) against an .npz of reference statistics; nothing is downloaded."""

@@ -69,8 +69,10 @@ class TransportModule(GenerativeModule):
         when fitting starts, not when the module is built, so that sample.py and
         evaluate.py (which rebuild the module from its own checkpoint) never need the file; Lightning restores a
         resumed run's own weights after this hook, over the init."""
-        if stage == "fit":  # the batch layout over the devices, refused here (before any compute) if it cannot work
-            self.objective.setup(self.trainer.datamodule.batch_size, self.trainer.world_size, self.global_rank)
+        trainer = self._trainer  # None when a test calls setup() on a module without a Trainer
+        if stage == "fit" and trainer is not None and trainer.datamodule is not None:
+            # the batch layout over the devices, refused here (before any compute) if it cannot work
+            self.objective.setup(trainer.datamodule.batch_size, trainer.world_size, trainer.global_rank)
         if stage == "fit" and self.init_ckpt is not None:
             self.load_init(self.init_ckpt)
             if self.teacher is not None and self.objective.teacher_checkpoint is None:
@@ -98,15 +100,19 @@ class TransportModule(GenerativeModule):
         """``module.init_ckpt``: the weights and EMA of a previous stage, with a fresh optimizer and counters — the
         reference's ``train.ckpt`` with ``no_reopt``/``no_reuni`` (main.py:140-152). A contgen ``.ckpt`` gives its
         ``net`` and ``ema`` denoisers; a released file its ``model`` and ``ema`` entries, or one bare state dict for both
-        (REPA's SiT, facebookresearch DiT), strictly checked by ``load_denoiser``."""
+        (REPA's SiT, facebookresearch DiT), or a Shortcut Flax checkpoint's ``params`` / ``params_ema``, strictly checked
+        by ``load_denoiser``."""
         from contgen.utils.denoiser_ckpt import check_denoiser_state, load_denoiser
+        from contgen.utils.flax_ckpt import is_shortcut_checkpoint
 
-        if not os.path.isfile(path):
+        if not os.path.exists(path):  # a directory is a Shortcut (Flax) checkpoint saved on a local path
             raise FileNotFoundError(f"module.init_ckpt: no file at {path}")
-        try:  # memory-mapped: only the entries used are read
-            ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
-        except RuntimeError:  # a legacy (non-zip) file cannot be mapped
-            ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        ckpt = None  # a Shortcut (Flax) pickle is not a torch file: load_denoiser converts it
+        if not is_shortcut_checkpoint(path):
+            try:  # memory-mapped: only the entries used are read
+                ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
+            except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+                ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
         if isinstance(ckpt, dict) and "contgen" in ckpt:
             for prefix, net in (("net.denoiser.", self.net.denoiser), ("ema.shadow.denoiser.", self.ema.shadow.denoiser)):
                 state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

@@ -30,13 +30,22 @@ log = logging.getLogger(__name__)
 UNUSED_KEYS = ("Embed_0/embedding",)  # the logvars table (model.py:286-287)
 
 
-def is_shortcut_checkpoint(path: str) -> bool:
-    """A plain pickle that opens with the reference's ``train_state`` key (torch files are zip archives)."""
+def shortcut_file(path: str) -> str | None:
+    """The pickle of a Shortcut checkpoint at ``path``, or None: a plain pickle that opens with the reference's
+    ``train_state`` key (torch files are zip archives). On a local path the reference's ``Checkpoint._save`` makes
+    ``path`` a directory and moves its pickle into it as ``<path>/<name>.tmp`` (checkpoint.py:67-71); both layouts
+    are accepted."""
+    if os.path.isdir(path):
+        path = os.path.join(path, os.path.basename(os.path.normpath(path)) + ".tmp")
     if not os.path.isfile(path) or zipfile.is_zipfile(path):
-        return False
+        return None
     with open(path, "rb") as f:
         head = f.read(256)
-    return head.startswith(b"\x80") and b"train_state" in head
+    return path if head.startswith(b"\x80") and b"train_state" in head else None
+
+
+def is_shortcut_checkpoint(path: str) -> bool:
+    return shortcut_file(path) is not None
 
 
 def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
@@ -97,11 +106,11 @@ def read_shortcut_checkpoint(path: str, allow_pickle: bool = False) -> dict[str,
                          "run arbitrary code: only for a file you trust, pass allow_pickle=True (allow_pickle=true on "
                          "the command line)")
     try:
-        with open(path, "rb") as f:
+        with open(shortcut_file(path), "rb") as f:
             data = pickle.load(f)
     except ModuleNotFoundError as e:
-        raise ValueError(f"denoiser checkpoint: {path} pickles {e.name} objects (the reference saves jax arrays / Flax "
-                         f"FrozenDicts): install {e.name} (CPU is enough) to read it") from e
+        raise ValueError(f"denoiser checkpoint: {path} pickles {e.name} objects (the reference saves jax arrays and its "
+                         f"optax optimizer state): install {e.name} (a CPU build is enough) to read it") from e
     train_state = data["train_state"]
     out = {}
     for ours, ref in (("model", "params"), ("ema", "params_ema")):
@@ -111,4 +120,4 @@ def read_shortcut_checkpoint(path: str, allow_pickle: bool = False) -> dict[str,
     return out
 
 
-__all__ = ["is_shortcut_checkpoint", "read_shortcut_checkpoint", "shortcut_state_dict"]
+__all__ = ["is_shortcut_checkpoint", "read_shortcut_checkpoint", "shortcut_file", "shortcut_state_dict"]

@@ -149,3 +149,27 @@ def test_cfg_and_ema_sampling_equal_the_reference(nets):
     assert (x - nchw(d["x_N16_cfg"])).abs().max().item() < ATOL
     x = ShortcutSampler(steps=4, denoise_timesteps=16)(nets[True], eps, labels)
     assert (x - nchw(d["x_N4_ema"])).abs().max().item() < ATOL
+
+
+def test_module_init_from_the_reference_checkpoint_in_its_local_directory_layout(tmp_path):
+    """On a local path the reference's Checkpoint._save leaves ``<path>/<name>.tmp`` (checkpoint.py:67-71); the
+    transport module's init (``module.init_ckpt`` / ``reference=``) takes that directory: params -> the weights,
+    params_ema -> the EMA copy."""
+    import functools
+    import shutil
+
+    from contgen.modules.transport import TransportModule
+    from contgen.tokenizers.patch import PatchTokenizer
+    from tests.helpers import train_optim
+
+    ckpt_dir = tmp_path / "shortcut_ckpt"
+    ckpt_dir.mkdir()
+    shutil.copy(CKPT, ckpt_dir / "shortcut_ckpt.tmp")
+    tiny = functools.partial(ShortcutDiT, patch_size=2, hidden_size=16, depth=2, num_heads=2, mlp_ratio=2.0)
+    module = TransportModule(PatchTokenizer(8, 1, channels=4), tiny, ShortcutObjective(bootstrap_every=1), ShortcutSampler(1),
+                             num_classes=5, optim=train_optim(), init_ckpt=str(ckpt_dir))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        module.load_init(str(ckpt_dir))
+    module.load_init(str(ckpt_dir), allow_pickle=True)
+    for ours, ref in ((module.net.denoiser, _net(False)), (module.ema.shadow.denoiser, _net(True))):
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))

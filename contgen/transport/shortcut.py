@@ -115,6 +115,7 @@ class ShortcutObjective:
         self.level_assignment = level_assignment
         self.world_size, self.rank = 1, 0
         self._layouts: dict = {}
+        self._level_tensors: dict = {}
 
     # -- layout ------------------------------------------------------------------------------------------------
     def setup(self, batch_size: int, world_size: int = 1, rank: int = 0) -> None:
@@ -122,6 +123,7 @@ class ShortcutObjective:
         level (the reference's issue #11) or that does not split over the devices."""
         self.world_size, self.rank = int(world_size), int(rank)
         self._layouts.clear()
+        self._level_tensors.clear()
         self.layout(batch_size)
 
     def layout(self, batch: int) -> tuple[int, list[int] | None]:
@@ -166,8 +168,11 @@ class ShortcutObjective:
         n_flow, dev = x.shape[0] - rows, x.device
         if levels is None:
             level = torch.randint(0, self.num_levels, (rows,), generator=generator, device=dev)
-        else:
-            level = torch.tensor(levels, dtype=torch.long, device=dev)
+        else:  # copied to the device once per batch size: a per-step host-to-device copy would sync
+            key = (x.shape[0], str(dev))
+            if key not in self._level_tensors:
+                self._level_tensors[key] = torch.tensor(levels, dtype=torch.long, device=dev)
+            level = self._level_tensors[key]
         sections = torch.exp2(level.to(torch.float32))  # 2^level, exact
         # k uniform on {0, .., 2^level - 1} (randint with a per-row bound, L30): floor(u·2^level), u on a 2^-24 grid
         s_boot = torch.floor(torch.rand(rows, generator=generator, device=dev) * sections) / sections

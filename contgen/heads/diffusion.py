@@ -38,24 +38,38 @@ class DenoiserMLP(AdaLNMLP):
     The diffusion head outputs 2·token_dim channels (ε̂ and the variance interpolation v) on integer DDPM steps; the
     transport heads ``out_dim`` = token_dim (one F) on t ∈ [0, 1] scaled by ``time_scale``. Parameter names match
     ``diffloss.net.*`` of MAR checkpoints; a fresh net outputs exactly 0 (zero adaLN and output layers).
+
+    ``level_embed`` (off by default; the shortcut head): a second, separate timestep embedder of the integer step
+    level log2(1/d), added to the adaLN condition — Shortcut's DiT has two such embedders, t and ``dt_base`` fed as
+    the integer level, unscaled (model.py:261-264, shortcut.md §1 "DiT conditioning"). ``forward`` then takes
+    ``level`` (N,). Off, the module, its parameters and its random init are exactly MAR's.
     """
 
     def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, grad_checkpointing: bool = False,
-                 out_dim: int | None = None, time_scale: float = 1.0):
+                 out_dim: int | None = None, time_scale: float = 1.0, level_embed: bool = False):
         super().__init__(token_dim, width, depth, out_dim or 2 * token_dim, grad_checkpointing)
         self.time_scale = float(time_scale)
         self.time_embed = TimestepEmbedder(width)
         self.cond_embed = nn.Linear(cond_dim, width)
+        self.level_embed = TimestepEmbedder(width) if level_embed else None
         self.init_weights()
 
     def init_weights(self) -> None:
-        """AdaLNMLP init plus N(0, 0.02) time-MLP weights (diffloss.py:194-215)."""
+        """AdaLNMLP init plus N(0, 0.02) time-MLP weights (diffloss.py:194-215); the level MLP likewise (the
+        reference's TimestepEmbedder init N(0, 0.02), model.py:64-67)."""
         super().init_weights()
-        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        for embed in (self.time_embed, self.level_embed):
+            if embed is not None:
+                nn.init.normal_(embed.mlp[0].weight, std=0.02)
+                nn.init.normal_(embed.mlp[2].weight, std=0.02)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, level: torch.Tensor | None = None
+                ) -> torch.Tensor:
         y = self.time_embed(t * self.time_scale) + self.cond_embed(z)
+        if (level is None) != (self.level_embed is None):
+            raise ValueError("DenoiserMLP: a step level is passed iff the net has level_embed (the shortcut head)")
+        if level is not None:
+            y = y + self.level_embed(level)
         return self.trunk(self.input_proj(x), y)
 
 

@@ -24,6 +24,9 @@ teacher copy of the head; so it stays off rather than being approximated. Guidan
 Both are the same class, so a ``loss=flow`` checkpoint fine-tunes into ``loss=ucgm`` (λ = 1 from a flow model, as
 the reference's few-step recipe starts from its multi-step model, ucgm.md §1.7), e.g. with
 ``resume_mode=new_stage``.
+
+:class:`TokenTransportHead` holds what these heads share with the per-token Shortcut head (``loss=shortcut``,
+:mod:`contgen.heads.shortcut`): the MLP, row tiling and the sampling preamble (CFG rows, temperature).
 """
 
 from __future__ import annotations
@@ -44,30 +47,76 @@ DEFAULT_SOLVER = {"name": "ucgm", "steps": 16, "stochast_ratio": 0.0, "extrapol_
 
 
 def transport_mlp(token_dim: int, cond_dim: int, width: int, depth: int, time_scale: float = 1000.0,
-                  grad_checkpointing: bool = False) -> DenoiserMLP:
+                  grad_checkpointing: bool = False, level_embed: bool = False) -> DenoiserMLP:
     """MAR's AdaLN MLP with one output F per token channel: ``net(x_t, t, z) -> F`` (same shape as x_t); ``t`` is the
-    transport's native time in [0, 1], embedded as ``time_scale · t``."""
-    return DenoiserMLP(token_dim, cond_dim, width, depth, grad_checkpointing, out_dim=token_dim, time_scale=time_scale)
+    transport's native time in [0, 1], embedded as ``time_scale · t``. ``level_embed``: ``net(x_t, t, z, level)``
+    with a second embedder for the integer step level (the shortcut head)."""
+    return DenoiserMLP(token_dim, cond_dim, width, depth, grad_checkpointing, out_dim=token_dim, time_scale=time_scale,
+                       level_embed=level_embed)
 
 
 class _GuidedNet:
-    """The solver's ``net(x, t, y)`` during sampling: y is the condition rows z.
+    """The solver's ``net(x, t, y, **cond)`` during sampling: y is the condition rows z.
 
     With ``cfg`` a float, z = [z_cond; z_uncond] (2N rows) and x has N rows: one MLP pass on [x; x] and
     F = F_u + cfg·(F_c − F_u), at every solver evaluation — MAR's guidance on ε (diffloss.py:240-248), on F here.
-    (Guidance on F is guidance on x̂ and ẑ alike: both are affine in F with the same coefficients.)
+    (Guidance on F is guidance on x̂ and ẑ alike: both are affine in F with the same coefficients.) Further per-row
+    inputs (the shortcut head's ``level``) are duplicated for the unconditional half.
     """
 
     def __init__(self, net: nn.Module, cfg: float):
         self.net, self.cfg = net, float(cfg)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        out = self.net(torch.cat([x, x]), torch.cat([t, t]), z)
-        cond, uncond = out.chunk(2)
-        return uncond + self.cfg * (cond - uncond)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        out = self.net(torch.cat([x, x]), torch.cat([t, t]), z, **{k: torch.cat([v, v]) for k, v in cond.items()})
+        cond_out, uncond = out.chunk(2)
+        return uncond + self.cfg * (cond_out - uncond)
 
 
-class TransportHead(nn.Module):
+class TokenTransportHead(nn.Module):
+    """What the per-token transport heads share (:class:`TransportHead`, :class:`~contgen.heads.shortcut.ShortcutHead`):
+    the AdaLN MLP ``net``, the contract's shape checks, ``batch_mul`` tiling of rows (and of the row weights), and
+    the sampling preamble — the CFG row layout and the temperature-scaled Gaussian draws."""
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, batch_mul: int, time_scale: float,
+                 grad_checkpointing: bool, level_embed: bool = False):
+        super().__init__()
+        if batch_mul < 1:
+            raise ValueError(f"head.batch_mul: must be >= 1, got {batch_mul}")
+        self.token_dim = token_dim
+        self.batch_mul = int(batch_mul)
+        self.net = transport_mlp(token_dim, cond_dim, width, depth, time_scale, grad_checkpointing, level_embed)
+        self.last_metrics: dict[str, torch.Tensor] = {}
+
+    def _tiled_rows(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None):
+        """(x fp32, z, row weights or None), each tiled ``batch_mul`` times (MAR's diffusion_batch_mul)."""
+        if target.ndim != 2 or target.shape[1] != self.token_dim or z.ndim != 2 or z.shape[0] != target.shape[0]:
+            raise ValueError(f"head.loss: expected target (N, {self.token_dim}) and z (N, C), "
+                             f"got {tuple(target.shape)} and {tuple(z.shape)}")
+        weights = None if mask is None else mask.float().repeat(self.batch_mul)
+        return target.float().repeat(self.batch_mul, 1), z.repeat(self.batch_mul, 1), weights
+
+    def _sampling_inputs(self, z: torch.Tensor, temperature: float, cfg: float | None,
+                         generator: torch.Generator | None):
+        """(net to call as ``net(x, t, z, **cond)``, condition rows, tokens to make, ``draw(shape)``): with ``cfg``,
+        z = [z_cond; z_uncond] and the net guides F; ``cfg == 1`` keeps only z_cond (exactly the conditional path);
+        ``draw`` is τ·N(0, I) from ``generator``."""
+        rows = z.shape[0]
+        if cfg is not None and rows % 2:
+            raise ValueError(f"head.sample: with cfg, z must be [z_cond; z_uncond] with an even row count, got {rows}")
+        if cfg is not None and float(cfg) == 1.0:
+            z, cfg = z[: rows // 2], None
+        n = z.shape[0] if cfg is None else rows // 2
+        net = self.net if cfg is None else _GuidedNet(self.net, cfg)
+        tau = float(temperature)
+
+        def draw(shape):
+            return tau * torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)
+
+        return net, z, n, draw
+
+
+class TransportHead(TokenTransportHead):
     """Per-token flow-matching / UCGM head following the contgen head contract (``loss`` / ``sample``).
 
     Args (reference names of UCGM's ``transport:`` / ``sample:`` YAML blocks in brackets):
@@ -97,12 +146,7 @@ class TransportHead(nn.Module):
                  wt_cosine_loss: bool = False, weight_function: str | None = None,
                  time_dist_ctrl=(1.0, 1.0, 1.0), fd_eps: float = 0.005, clip: float = 1.0,
                  solver: Mapping | None = None):
-        super().__init__()
-        if batch_mul < 1:
-            raise ValueError(f"head.batch_mul: must be >= 1, got {batch_mul}")
-        self.token_dim = token_dim
-        self.batch_mul = int(batch_mul)
-        self.net = transport_mlp(token_dim, cond_dim, width, depth, time_scale, grad_checkpointing)
+        super().__init__(token_dim, cond_dim, width, depth, batch_mul, time_scale, grad_checkpointing)
         try:
             self.objective = UCGMObjective(
                 transport, consistc_ratio=consistc_ratio, enhanced_ratio=0.0, scaled_cbl_eps=scaled_cbl_eps,
@@ -112,7 +156,6 @@ class TransportHead(nn.Module):
         except ValueError as e:
             raise ValueError(f"head: {e}") from None
         self.solver = self._build_solver(dict(solver if solver is not None else DEFAULT_SOLVER))
-        self.last_metrics: dict[str, torch.Tensor] = {}
 
     def _build_solver(self, spec: dict):
         name = str(spec.pop("name", "ucgm")).lower()
@@ -146,21 +189,16 @@ class TransportHead(nn.Module):
         ``loss_unweighted`` (before the time weight) and, for λ ≠ 0, ``clip_frac`` (share of clipped tangent
         entries). No host syncs.
         """
-        if target.ndim != 2 or target.shape[1] != self.token_dim or z.ndim != 2 or z.shape[0] != target.shape[0]:
-            raise ValueError(f"head.loss: expected target (N, {self.token_dim}) and z (N, C), "
-                             f"got {tuple(target.shape)} and {tuple(z.shape)}")
-        x = target.float().repeat(self.batch_mul, 1)
-        z = z.repeat(self.batch_mul, 1)
+        x, z, w = self._tiled_rows(target, z, mask)
         obj = self.objective
         draws = obj.draw(x, None, None, generator)
         F, target_F, logs = obj.predict_and_target(self.net, x, z, draws)
         per = obj.per_sample_loss(F, target_F)
         w_t = obj.time_weight(draws["t"])
         weighted = per if w_t is None else per * w_t.to(per.dtype)
-        if mask is None:
+        if w is None:
             loss, unweighted = weighted.mean(), per.detach().mean()
         else:
-            w = mask.float().repeat(self.batch_mul)
             w = w / w.sum()
             loss, unweighted = (weighted * w).sum(), (per.detach() * w).sum()
         self.last_metrics = {"loss_unweighted": unweighted, **{k: v.detach() for k, v in logs.items()}}
@@ -179,22 +217,11 @@ class TransportHead(nn.Module):
         evaluation runs the MLP on [x; x] and uses F_u + cfg·(F_c − F_u); N rows come back. ``cfg == 1`` is
         exactly the conditional path: only z_cond is evaluated (bit-identical to ``cfg=None`` on z_cond).
         """
-        rows = z.shape[0]
-        if cfg is not None and rows % 2:
-            raise ValueError(f"head.sample: with cfg, z must be [z_cond; z_uncond] with an even row count, got {rows}")
-        if cfg is not None and float(cfg) == 1.0:
-            z, cfg = z[: rows // 2], None
-        n = z.shape[0] if cfg is None else rows // 2
-        net = self.net if cfg is None else _GuidedNet(self.net, cfg)
-        tau = float(temperature)
-
-        def draw(shape):
-            return tau * torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)
-
+        net, z, n, draw = self._sampling_inputs(z, temperature, cfg, generator)
         return self.solver(net, draw((n, self.token_dim)), z, generator=generator, noise_fn=draw).float()
 
     def extra_repr(self) -> str:
         return f"token_dim={self.token_dim}, batch_mul={self.batch_mul}, {self.objective!r}, {self.solver!r}"
 
 
-__all__ = ["SOLVERS", "TransportHead", "transport_mlp"]
+__all__ = ["SOLVERS", "TokenTransportHead", "TransportHead", "transport_mlp"]

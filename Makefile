@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help install demo test test-slow test-all test-gpu bench bench-ucgm clean
+.PHONY: help install demo test test-slow test-all test-gpu bench bench-ucgm bench-shortcut clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ bench:  ## GPU speed, one JSON line per case; REF=<dir holding mar/ and EAR/ che
 
 bench-ucgm:  ## UCGM TiT-XL/2 speed; REF=<UCGM checkout, ae74912> adds the reference, same run
 	$(PY) bench/ucgm.py $(if $(REF),--reference-root $(REF),--sides contgen) --isolate side $(BENCH_ARGS)
+
+bench-shortcut:  ## Shortcut DiT-B/2 train step + 1/4/128-step sampling; REF=<kvfrans/shortcut-models 6010043> adds the JAX reference, same run
+	$(PY) bench/shortcut.py $(if $(REF),--reference-root $(REF),--sides contgen) --isolate side $(BENCH_ARGS)
 
 clean:  ## remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache

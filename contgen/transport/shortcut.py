@@ -205,7 +205,8 @@ class ShortcutObjective:
     @torch.no_grad()
     def targets(self, teacher, x: torch.Tensor, y: torch.Tensor, draws: dict) -> dict:
         """The merged batch (bootstrap rows first): ``x_t``, contgen time ``t``, ``level``, labels ``y``, ``target``
-        (F* = −v*), and ``rms`` of the bootstrap target and of its two half-step velocities (L109-111)."""
+        (F* = −v*), and ``rms`` of the bootstrap target and of its two half-step velocities (L109-111). Built under
+        no_grad, labels included: a caller whose "labels" need a gradient passes row ids instead (the per-token head)."""
         tr, L = self.transport, self.num_levels
         level = draws["level"]
         rows = level.shape[0]
@@ -231,7 +232,7 @@ class ShortcutObjective:
 
         xf, yf = x[rows:], y[rows:]
         t_flow = 1 - draws["s_flow"]
-        if self.class_dropout_prob > 0:  # y may also be per-row condition vectors (the per-token head: no dropping)
+        if self.class_dropout_prob > 0:
             yf = torch.where(draws["drop"], torch.full_like(yf, teacher.num_classes), yf)
         return {
             "x_t": torch.cat([x_t, tr.interpolate(xf, draws["z_flow"], t_flow)]),
@@ -264,7 +265,7 @@ class ShortcutObjective:
             logs["loss_flow"] = per[rows:].mean()
         if rows:
             logs["loss_bootstrap"] = per[:rows].mean()
-        counts = torch.bincount(tg["level"], minlength=L + 1)
+        counts = torch.zeros(L + 1, device=per.device).index_add_(0, tg["level"], torch.ones_like(per))  # no sync
         sums = torch.zeros(L + 1, device=per.device).index_add_(0, tg["level"], per)
         levels = self.layout(x.shape[0])[1]
         present = range(L + 1) if levels is None else sorted(set(levels) | ({L} if rows < per.shape[0] else set()))

@@ -28,6 +28,13 @@ def run_script(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 90
     return proc
 
 
+# train.py overrides for a 4-step tiny MAR run with a small head (the per-token head end-to-end tests)
+TINY_MAR_HEAD_RUN = ["debug=limit", "data.image_size=16", "data.train.num_samples=64", "data.batch_size=16",
+                     "data.num_workers=0", "model.encoder_embed_dim=32", "model.decoder_embed_dim=32",
+                     "model.encoder_depth=1", "model.decoder_depth=1", "model.encoder_num_heads=2",
+                     "model.decoder_num_heads=2", "loss.width=32", "loss.depth=1"]
+
+
 class KillAtStep(L.Callback):
     """SIGKILL the training process when ``step`` optimizer steps are done — a real, unclean kill."""
 

@@ -24,7 +24,7 @@ from contgen.samplers.masked import MaskedARSampler
 from contgen.tokenizers.patch import PatchTokenizer
 from tests.heads.test_transport_head import (BACKBONES, COND, N_EVAL, SWD_BOUND, _gen, _measure, _mixture, _perturb,
                                              _swd, _train)
-from tests.helpers import run_script, train_optim
+from tests.helpers import TINY_MAR_HEAD_RUN, run_script, train_optim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -402,10 +402,7 @@ def test_train_py_loss_shortcut_trains_and_samples(tmp_path):
     from contgen.cli.checkpoint_io import load_checkpoint
 
     run = tmp_path / "run"
-    run_script("train.py", "loss=shortcut", "debug=limit", "data.image_size=16", "data.train.num_samples=64",
-               "data.batch_size=16", "data.num_workers=0", "model.encoder_embed_dim=32", "model.decoder_embed_dim=32",
-               "model.encoder_depth=1", "model.decoder_depth=1", "model.encoder_num_heads=2",
-               "model.decoder_num_heads=2", "loss.width=32", "loss.depth=1", "loss.steps=2",
+    run_script("train.py", "loss=shortcut", *TINY_MAR_HEAD_RUN, "loss.steps=2",
                "sampler.num_iter=4", "callbacks.sample_grid.every_n_steps=0", "evaluate_after_fit=false",
                f"hydra.run.dir={run}")
     state = load_checkpoint(run / "checkpoints" / "last.ckpt")

@@ -9,10 +9,13 @@ from torch.utils.data import Sampler
 class EpochSampler(Sampler[int]):
     """``randperm(n)`` seeded by ``seed + epoch``. Lightning calls ``set_epoch`` on samplers that have it, so a
     run resumed at epoch e draws the same order; ``resume_at(epoch, n)`` also skips the first ``n`` indices of
-    that epoch once (the samples a killed run had already consumed)."""
+    that epoch once (the samples a killed run had already consumed).
 
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
-        self.num_samples, self.seed, self.shuffle, self.epoch = num_samples, seed, shuffle, 0
+    ``stream=True`` is for endless procedural data sets (``Shapes(fresh_each_epoch=True)``): epoch e reads
+    indices ``e·n … e·n + n − 1``, so no sample is seen twice."""
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, stream: bool = False):
+        self.num_samples, self.seed, self.shuffle, self.stream, self.epoch = num_samples, seed, shuffle, stream, 0
         self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -29,6 +32,8 @@ class EpochSampler(Sampler[int]):
         start = 0
         if self._skip is not None and self._skip[0] == self.epoch:
             start, self._skip = self._skip[1], None
+        if self.stream:
+            order = order + self.epoch * self.num_samples
         return iter(order[start:].tolist())
 
     def __len__(self) -> int:

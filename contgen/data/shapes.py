@@ -64,10 +64,15 @@ def render(label: int, rng: np.random.Generator, image_size: int = 32, supersamp
 
 
 class Shapes(Dataset):
-    """``len(CLASS_NAMES)`` = 12 classes (3 colours x 4 shapes), balanced: the label of sample i is i % 12."""
+    """``len(CLASS_NAMES)`` = 12 classes (3 colours x 4 shapes), balanced: the label of sample i is i % 12.
+
+    ``fresh_each_epoch``: the set is an endless stream of which each epoch reads the next ``num_samples`` images
+    (the training sampler offsets its indices by epoch; any index >= 0 is a valid image). Rendering is cheap, so
+    the built-in default never shows the model an image twice.
+    """
 
     def __init__(self, image_size: int = 32, num_samples: int = 20000, seed: int = 0, split: str = "train",
-                 supersample: int = 4):
+                 supersample: int = 4, fresh_each_epoch: bool = False):
         if split not in SPLIT_OFFSETS:
             raise ValueError(f"data.split: unknown split {split!r}; expected one of {list(SPLIT_OFFSETS)}")
         if image_size < 8:
@@ -77,7 +82,7 @@ class Shapes(Dataset):
         if num_samples < 1:
             raise ValueError(f"data.num_samples: must be >= 1, got {num_samples}")
         self.image_size, self.num_samples, self.seed, self.split = image_size, num_samples, seed, split
-        self.supersample = supersample
+        self.supersample, self.fresh_each_epoch = supersample, fresh_each_epoch
         self.class_names = list(CLASS_NAMES)
         self.num_classes = len(self.class_names)
 
@@ -85,9 +90,13 @@ class Shapes(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not -self.num_samples <= index < self.num_samples:
+        if self.fresh_each_epoch:  # the stream: image `index` exists for every index >= 0
+            if index < 0:
+                raise IndexError(f"index {index}: a fresh_each_epoch stream has only indices >= 0")
+        elif -self.num_samples <= index < self.num_samples:
+            index %= self.num_samples
+        else:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        index %= self.num_samples
         label = index % self.num_classes
         rng = np.random.default_rng([self.seed, SPLIT_OFFSETS[self.split], index])
         image = render(label, rng, self.image_size, self.supersample)

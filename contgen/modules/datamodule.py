@@ -27,7 +27,7 @@ class DataModule(L.LightningDataModule):
             raise ValueError(f"data: the training set has {len(train)} samples, fewer than data.batch_size={batch_size}")
         pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.train_set, self.batch_size, self.num_workers, self.seed, self.pin_memory = train, batch_size, num_workers, seed, pin_memory
-        self.sampler = EpochSampler(len(train), seed)
+        self.sampler = EpochSampler(len(train), seed, stream=getattr(train, "fresh_each_epoch", False))
 
     @property
     def num_classes(self) -> int:

@@ -149,6 +149,17 @@ def test_method_choice_and_cli_override_compose():
     assert cfg.loss._target_.endswith("EnergyHead") and cfg.model._target_.endswith("MARBackbone")
 
 
+def test_builtin_defaults_are_the_measured_ones():
+    """The README's first screen quotes runs of exactly these settings (issue 7 §1): changing one means re-measuring."""
+    cfg = compose_train()
+    steps = cfg.trainer.max_epochs * cfg.data.train.num_samples // cfg.data.batch_size
+    assert steps == 1500 and cfg.data.train.fresh_each_epoch and cfg.loss.width == 128 and cfg.optim.ema_warmup
+    assert (cfg.sampler.cfg, cfg.sampler.cfg_schedule, cfg.sampler.num_iter) == (5.0, "constant", 16)
+    assert compose_train("data=digits").data.train.repeat == 4
+    ear = compose_train("method=ear")
+    assert (ear.loss.width, ear.loss.score_batch_mul, ear.sampler.cfg) == (128, 1, 2.0)
+
+
 def test_paper_recipe_values():
     cfg = compose_train("experiment=mar_large_in256")
     assert (cfg.model.encoder_depth, cfg.model.encoder_embed_dim, cfg.loss.depth, cfg.loss.width) == (16, 1024, 8, 1280)

@@ -102,6 +102,29 @@ def test_epoch_sampler_deterministic_and_resumable():
     assert list(b) == first[8:] and list(b) == first
 
 
+def test_fresh_shapes_stream_new_images_every_epoch_and_resume_exactly():
+    """fresh_each_epoch: epoch e reads images e·n … e·n + n − 1 of the endless stream (none seen twice), in an order
+    that still depends only on (seed, e), so a mid-epoch resume skips into the same batches."""
+    from contgen.modules.datamodule import DataModule
+
+    shapes = Shapes(16, 24, seed=0, fresh_each_epoch=True)
+    assert torch.equal(shapes[30]["image"], Shapes(16, 48, seed=0)[30]["image"])  # image i is image i of the set
+    with pytest.raises(IndexError, match=">= 0"):
+        shapes[-1]
+    with pytest.raises(IndexError, match="out of range"):
+        Shapes(16, 24, seed=0)[24]  # without the stream, 24 samples are all there is
+    sampler = DataModule(shapes, batch_size=8, num_workers=0).sampler
+    epochs = []
+    for e in range(3):
+        sampler.set_epoch(e)
+        epochs.append(list(sampler))
+        assert sorted(epochs[-1]) == list(range(24 * e, 24 * (e + 1)))
+    again = DataModule(shapes, batch_size=8, num_workers=0).sampler
+    again.set_epoch(2), again.resume_at(2, 8)
+    assert list(again) == epochs[2][8:]
+    assert not DataModule(Shapes(16, 24), batch_size=8, num_workers=0).sampler.stream  # a plain set repeats
+
+
 def test_shapes_fast_and_separable_by_a_tiny_cnn():
     import time
 

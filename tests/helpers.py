@@ -60,3 +60,31 @@ class RecordShortcutLevels(L.Callback):
             rows, levels = pl_module.objective.layout(len(batch["label"]))
             with open(os.path.join(self.dir, f"rank{trainer.global_rank}.json"), "w") as f:
                 json.dump({"world_size": trainer.world_size, "rows": rows, "levels": levels}, f)
+
+
+class RecordBatches(L.Callback):
+    """Append each rank's samples of every training step (an md5 of each image) to ``<dir>/rank<r>.jsonl``, one line
+    per step, flushed at once (it survives a SIGKILL): which samples each optimizer step saw."""
+
+    def __init__(self, dir: str):
+        self.dir = dir
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import hashlib
+        import json
+
+        digests = [hashlib.md5(x.cpu().numpy().tobytes()).hexdigest()[:12] for x in batch["image"]]
+        with open(Path(self.dir) / f"rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "samples": digests}) + "\n")
+
+
+class SlowSteps(L.Callback):
+    """Sleep ``seconds`` after every training step: a tiny run that lasts long enough to be signalled mid-training."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import time
+
+        time.sleep(self.seconds)

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.strategies import FSDPStrategy
 
 from contgen.utils.images import save_grid
 
@@ -31,11 +31,15 @@ class SampleGrid(L.Callback):
             raise ValueError(f"callbacks.sample_grid.classes: {bad} outside [0, {num_classes})")
         return torch.tensor(classes, device=device).repeat_interleave(self.per_class)
 
-    @rank_zero_only
-    def write(self, trainer: L.Trainer, pl_module) -> Path:
+    def write(self, trainer: L.Trainer, pl_module) -> Path | None:
+        # rank 0 samples alone, except a sharded model (FSDP), whose layers every rank gathers together
+        if trainer.global_rank != 0 and not isinstance(trainer.strategy, FSDPStrategy):
+            return None
         labels = self.labels(pl_module.num_classes, pl_module.device)
         g = torch.Generator(pl_module.device).manual_seed(self.seed)
         images = pl_module.generate(labels, generator=g, use_ema=self.use_ema)
+        if trainer.global_rank != 0:
+            return None
         path = Path(trainer.default_root_dir) / self.out_dir / f"step_{trainer.global_step:07d}.png"
         save_grid(images, path, nrow=self.per_class)
         for logger in trainer.loggers:

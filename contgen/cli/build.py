@@ -2,15 +2,66 @@
 
 from __future__ import annotations
 
+import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from contgen.modules.base import GenerativeModule
 from contgen.modules.datamodule import DataModule
 
 
+# keys of ``data`` that plan the batch (see ``batch_plan``); the DataModule takes the per-device batch they give
+BATCH_PLAN_KEYS = ("global_batch_size", "max_device_batch_size")
+
+
 def build_datamodule(cfg: DictConfig) -> DataModule:
-    return instantiate(cfg.data, _recursive_=True, _convert_="object")
+    data = {k: v for k, v in cfg.data.items() if k not in BATCH_PLAN_KEYS}
+    return instantiate(data, _recursive_=True, _convert_="object")
+
+
+def world_size(trainer: DictConfig) -> int:
+    """The processes the Trainer will run: ``trainer.devices`` (a count, a list of ids, -1 or "auto") × ``num_nodes``."""
+    devices = trainer.devices
+    if isinstance(devices, (list, tuple, ListConfig)):
+        count = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        count = len([d for d in devices.split(",") if d.strip()])
+    elif devices in (-1, "-1", "auto"):
+        gpu = trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        count = torch.cuda.device_count() if gpu else 1  # Lightning runs one CPU process for "auto"
+    else:
+        count = int(devices)
+    return count * int(trainer.num_nodes or 1)
+
+
+def batch_plan(data: DictConfig, trainer: DictConfig) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation steps).
+
+    ``data.global_batch_size`` is the recipe's batch: it is split over devices × nodes, and where the share of a
+    device exceeds ``data.max_device_batch_size`` it is accumulated over the fewest micro-batches that fit, so the
+    optimizer always sees the same batch (and the learning rate, ``blr × global / 256``, stays the recipe's)
+    whatever the device count. Without it, ``data.batch_size`` is per device and
+    ``trainer.accumulate_grad_batches`` is taken as given."""
+    total = data.get("global_batch_size")
+    if total is None:
+        return data.batch_size, trainer.accumulate_grad_batches
+    if data.batch_size is not None:
+        raise ValueError(f"data.global_batch_size={total} and data.batch_size={data.batch_size} are both set: the "
+                         "per-device batch is derived from the global one; pass data.batch_size=null (and "
+                         "data.max_device_batch_size=N to cap what one device holds)")
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} with "
+                         f"data.global_batch_size={total}: accumulation is derived; cap the per-device batch with "
+                         "data.max_device_batch_size instead")
+    world, cap = world_size(trainer), data.get("max_device_batch_size")
+    if total < 1 or total % world:
+        raise ValueError(f"data.global_batch_size={total} does not split over {world} device(s) (trainer.devices × "
+                         "trainer.num_nodes): use a multiple of the device count")
+    if cap is not None and cap < 1:
+        raise ValueError(f"data.max_device_batch_size must be >= 1 or null, got {cap}")
+    share = total // world
+    accumulate = next(k for k in range(1, share + 1) if share % k == 0 and (cap is None or share // k <= cap))
+    return share // accumulate, accumulate
 
 
 def build_module(cfg: DictConfig, num_classes: int, data_info: dict | None = None) -> GenerativeModule:

@@ -57,6 +57,8 @@ class GenerativeModule(L.LightningModule):
 
     def setup_training(self) -> None:
         self.ema = EMA(self.net, self.optim["ema_decay"], self.optim["ema_warmup"])
+        # the dims as built: FSDP flattens parameters into 1-D shard pieces before the optimizer groups them
+        self._param_ndims = {id(p): p.ndim for p in self.net.parameters()}
 
     @classmethod
     def from_config(cls, cfg, tokenizer: nn.Module, num_classes: int) -> "GenerativeModule":
@@ -79,6 +81,9 @@ class GenerativeModule(L.LightningModule):
     def generate_tokens(self, labels: torch.Tensor, generator: torch.Generator | None = None, use_ema: bool = True,
                         sampler=None) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_sampler(self, sampler) -> None:
+        """Refuse a sampler this module cannot run (settings the sampler cannot check alone), before any compute."""
 
     # --- randomness -------------------------------------------------------------------------------
     def step_generators(self, batch_idx: int) -> tuple[torch.Generator, torch.Generator]:
@@ -117,12 +122,16 @@ class GenerativeModule(L.LightningModule):
             self.check_finite()
 
     def check_finite(self) -> None:
-        if self._bad_data.item():
+        bad_data, nonfinite = torch.stack([self._bad_data, self._nonfinite]).float()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:  # every rank stops together (one alone leaves the rest hanging)
+            bad_data, nonfinite = trainer.strategy.reduce(torch.stack([bad_data, nonfinite]), reduce_op="max")
+        if bad_data.item():
             raise FloatingPointError(
                 f"non-finite values in the training data (tokens) at or before epoch {self.current_epoch}, global step "
                 f"{self.global_step}: check the data (data.root, or the token cache: rebuild it with cache_tokens.py); "
                 "stopped without saving, the last good checkpoint is kept")
-        if self._nonfinite.item():
+        if nonfinite.item():
             raise FloatingPointError(
                 f"non-finite training loss at or before epoch {self.current_epoch}, global step {self.global_step}; "
                 "stopped without saving, the last good checkpoint is kept (resume with ckpt_path=last, e.g. with a "
@@ -133,7 +142,7 @@ class GenerativeModule(L.LightningModule):
         batch = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
         global_batch = (batch or 1) * trainer.accumulate_grad_batches * trainer.world_size
         lr = o["lr"] if o["lr"] is not None else o["blr"] * global_batch / 256  # MAR: lr = blr · batch / 256
-        groups = param_groups(*self.decay_and_head(), o["weight_decay"], o["head_lr_scale"])
+        groups = param_groups(*self.decay_and_head(), o["weight_decay"], o["head_lr_scale"], self._param_ndims)
         for g in groups:
             g["lr"] = lr * g["lr_scale"]
         # A fused optimizer unscales fp16 gradients itself, which Lightning's GradScaler path refuses to clip: fp16-mixed

@@ -7,7 +7,8 @@ import math
 from torch import nn
 
 
-def param_groups(backbone: nn.Module, head: nn.Module | None, weight_decay: float, head_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(backbone: nn.Module, head: nn.Module | None, weight_decay: float, head_lr_scale: float = 1.0,
+                 ndims: dict[int, int] | None = None) -> list[dict]:
     """Three AdamW groups, following the reference rules.
 
     * backbone weight matrices (ndim ≥ 2, not biases): ``weight_decay``;
@@ -17,14 +18,15 @@ def param_groups(backbone: nn.Module, head: nn.Module | None, weight_decay: floa
     MAR excludes its whole head from decay (util/misc.py:297) and has no LR scale (1.0). EAR scales only the
     generator's *matrices* by ``score_lrscale`` 0.25 — its biases and norms fall in the 1-D rule and train at
     the full LR (util/misc.py:290-306); that quirk is kept. ``lr_scale`` is read by the schedule. A denoiser
-    without a head (the transport family) has the first two groups only.
+    without a head (the transport family) has the first two groups only. ``ndims`` (``id(param)`` → dims as built)
+    classifies parameters that FSDP has already flattened into 1-D shard pieces.
     """
     decay, no_decay, head_mats = [], [], []
     for module, is_head in ((backbone, False), (head if head is not None else nn.Module(), True)):
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            if p.ndim <= 1 or name.endswith(".bias"):
+            if (ndims or {}).get(id(p), p.ndim) <= 1 or name.endswith(".bias"):
                 no_decay.append(p)
             elif is_head:
                 head_mats.append(p)

@@ -12,6 +12,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf, open_dict
 
 import contgen.cli.config  # noqa: F401
+from contgen.cli.build import batch_plan, build_datamodule, world_size
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -88,9 +89,9 @@ def test_data_options_instantiate(name, tmp_path):
         with open_dict(cfg):
             cfg.data.root = str(tmp_path / "missing")
         with pytest.raises(InstantiationException, match="data.root"):
-            instantiate(cfg.data)
+            build_datamodule(cfg)
         return
-    dm = instantiate(cfg.data)
+    dm = build_datamodule(cfg)
     assert dm.num_classes >= 10 and len(dm.train_set) >= dm.batch_size
 
 
@@ -138,8 +139,13 @@ def test_global_presets_compose(group):
             assert cfg.optim.ema_decay == 0.9999 and cfg.trainer.gradient_clip_val == 3.0, name
             assert cfg.trainer.precision == "bf16-mixed" and list(cfg.optim.betas) == [0.9, 0.95], name
             assert cfg.optim.warmup_epochs == 100 and cfg.optim.schedule == "constant", name
-            t = cfg.trainer
-            assert cfg.data.batch_size * t.devices * t.num_nodes * t.accumulate_grad_batches == 2048, name
+            assert recipe_batch(cfg) == 2048, name
+
+
+def recipe_batch(cfg) -> int:
+    """The optimizer's batch that a composed config plans: per device × devices × nodes × accumulation."""
+    batch, accumulate = batch_plan(cfg.data, cfg.trainer)
+    return batch * world_size(cfg.trainer) * accumulate
 
 
 def test_method_choice_and_cli_override_compose():
@@ -174,7 +180,8 @@ def test_ear_recipe_values():
     assert (cfg.model.depth, cfg.model.embed_dim, cfg.loss.depth, cfg.loss.width) == (40, 1280, 12, 1536)
     assert cfg.optim.head_lr_scale == 0.25 and cfg.optim.blr == 1e-4 and cfg.trainer.max_epochs == 750
     assert cfg.optim.ema_warmup is False
-    assert cfg.trainer.accumulate_grad_batches == 2 and cfg.loss.score_batch_mul == 2 and cfg.loss.train_temperature == 1.0
+    assert batch_plan(cfg.data, cfg.trainer) == (32, 2)  # on the README's 32 GPUs: 32 per device, 2 accumulated
+    assert cfg.loss.score_batch_mul == 2 and cfg.loss.train_temperature == 1.0
     assert (cfg.sampler.num_iter, cfg.sampler.cfg, cfg.sampler.cfg_schedule, cfg.sampler.temperature) == (64, 3.0, "linear", 0.7)
     ft = compose_train("experiment=ear_base_in256_ft")
     assert ft.loss.train_temperature == 0.99 and ft.optim.blr == 7e-5 and ft.trainer.max_epochs == 800
@@ -207,8 +214,7 @@ def test_ucgm_recipe_values():
         assert cfg.trainer.gradient_clip_val == 0.1 and cfg.optim.ema_decay == clip_ema, name
         assert (cfg.sampler.steps, cfg.sampler.stochast_ratio) == (2, 1.0), name
     for cfg in (multi, cfg):
-        t = cfg.trainer
-        assert cfg.data.batch_size * t.devices * t.num_nodes * t.accumulate_grad_batches == 1024
+        assert recipe_batch(cfg) == 1024 and batch_plan(cfg.data, cfg.trainer) == (128, 1)
 
 
 def test_shortcut_recipe_values():
@@ -220,9 +226,8 @@ def test_shortcut_recipe_values():
             hidden, depth, heads, 2) and m.reference_faithful and m.time_scale == 1.0
         assert (o.denoise_timesteps, o.bootstrap_every, o.bootstrap_ema, o.bootstrap_cfg, o.cfg_scale) == (
             128, 8, True, True, 1.5) and o.class_dropout_prob == 0.1 and o.clip_value == 4.0
-        t = cfg.trainer
-        assert cfg.data.batch_size * t.devices * t.num_nodes * t.accumulate_grad_batches == 256
-        assert t.max_steps == 810000
+        assert recipe_batch(cfg) == 256 and batch_plan(cfg.data, cfg.trainer) == (32, 1)
+        assert cfg.trainer.max_steps == 810000
     celeba = compose_train("experiment=shortcut_dit_b_celebahq256")
     assert (celeba.objective.cfg_scale, celeba.objective.class_dropout_prob, celeba.sampler.cfg_scale) == (0.0, 1.0, 0.0)
     assert celeba.data.batch_size * celeba.trainer.devices == 64 and celeba.trainer.max_steps == 410000

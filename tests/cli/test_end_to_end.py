@@ -105,6 +105,58 @@ def test_killed_run_resumes_exactly(tmp_path, family):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def steps_seen(record_dir: Path) -> dict[int, set[str]]:
+    """The samples of every optimizer step, all ranks together (a step replayed after a resume: its last record)."""
+    per_rank: dict[tuple[str, int], list[str]] = {}
+    for path in record_dir.glob("rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            per_rank[(path.name, row["step"])] = row["samples"]
+    steps: dict[int, set[str]] = {}
+    for (_, step), samples in per_rank.items():
+        steps.setdefault(step, set()).update(samples)
+    return steps
+
+
+@pytest.mark.slow
+def test_two_process_ddp_resumes_exactly_and_on_one_process_continues_the_data_order(tmp_path):
+    """strategy=ddp_spawn, 2 CPU processes, global batch 32 (16 per process): a run SIGKILLed at step 7 (last.ckpt from
+    step 6) and resumed on 2 processes reproduces the uninterrupted run's losses and weights bit for bit; resumed
+    instead on 1 process (32 per step) it continues the same data order: every step sees the same 32 samples as
+    the uninterrupted 2-process run."""
+    import subprocess
+    import sys
+
+    common = [*TINY, "data.batch_size=null", "data.global_batch_size=32", "evaluate_after_fit=false",
+              "trainer.max_epochs=2", "logger.csv.flush_logs_every_n_steps=1", "threads=1", "trainer.accelerator=cpu",
+              "+callbacks.record._target_=tests.helpers.RecordBatches"]
+    ddp = [*common, "strategy=ddp_spawn", "trainer.devices=2"]
+    full, part, one = tmp_path / "full", tmp_path / "part", tmp_path / "one"
+    for d in (full, part, one):
+        d.mkdir()
+    run_script("train.py", *ddp, f"+callbacks.record.dir={full}", f"hydra.run.dir={full}")
+    for run in (part, one):  # (a copied run dir would not do: Lightning versions last.ckpt in a moved directory)
+        killed = subprocess.run([sys.executable, "train.py", *ddp, f"+callbacks.record.dir={run}", f"hydra.run.dir={run}",
+                                 "+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=7"],
+                                cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+        assert killed.returncode != 0 and load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+    before = losses(part)
+    run_script("train.py", *ddp, "ckpt_path=last", f"+callbacks.record.dir={part}", f"hydra.run.dir={part}")
+    reference, resumed = losses(full), {**before, **losses(part)}
+    assert sorted(resumed) == sorted(reference) == list(range(16))
+    assert all(resumed[s] == reference[s] for s in reference), (reference, resumed)
+    a = load_checkpoint(full / "checkpoints" / "last.ckpt")["state_dict"]
+    b = load_checkpoint(part / "checkpoints" / "last.ckpt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    proc = run_script("train.py", *common, "ckpt_path=last", f"+callbacks.record.dir={one}", f"hydra.run.dir={one}")
+    assert "data.batch_size=32 per device" in proc.stdout
+    seen, expected = steps_seen(one), steps_seen(full)
+    assert sorted(seen) == sorted(expected) == list(range(16)) and all(len(s) == 32 for s in expected.values())
+    assert all(seen[s] == expected[s] for s in expected)
+    assert load_checkpoint(one / "checkpoints" / "last.ckpt")["global_step"] == 16
+
+
 def test_multirun_two_points(tmp_path):
     sweep = tmp_path / "sweep"
     run_script("train.py", "-m", *TINY, "evaluate_after_fit=false", "trainer.max_epochs=1", "optim.blr=1e-4,1e-3",

@@ -4,6 +4,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from contgen.callbacks.sample_grid import SampleGrid
+from contgen.cli.build import batch_plan, world_size
 from contgen.cli.evaluate import check_metrics
 from contgen.cli.train import check_length_and_metrics
 from contgen.samplers.masked import MaskedARSampler
@@ -97,3 +98,29 @@ def test_sample_settings_are_checked_before_loading():
 
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         sample(OmegaConf.create({"batch_size": 0, "per_class": 8, "seeds": [0], "ckpt": "/nope.ckpt"}))
+
+
+def _plan(global_batch=None, batch=None, cap=None, devices=1, nodes=1, accumulate=1):
+    return batch_plan(OmegaConf.create({"global_batch_size": global_batch, "batch_size": batch,
+                                        "max_device_batch_size": cap}),
+                      OmegaConf.create({"devices": devices, "num_nodes": nodes, "accumulate_grad_batches": accumulate,
+                                        "accelerator": "cpu"}))
+
+
+def test_global_batch_plan():
+    """data.global_batch_size is what the optimizer sees on any device count: split over devices x nodes, the rest
+    of a capped share accumulated; without it data.batch_size is per device, as before."""
+    assert _plan(batch=64, accumulate=3) == (64, 3)
+    assert _plan(2048, devices=8, nodes=4) == (64, 1)
+    assert _plan(2048, cap=32, devices=8, nodes=4) == (32, 2)  # EAR: 32 per device x 32 GPUs x 2
+    assert _plan(2048, cap=64, devices=4) == (64, 8) and _plan(2048, cap=100) == (64, 32)
+    assert _plan(96, cap=40, devices=2) == (24, 2)  # the fewest micro-batches whose size divides the share
+    with pytest.raises(ValueError, match=r"data.global_batch_size=100 does not split over 3 device\(s\)"):
+        _plan(100, devices=3)
+    with pytest.raises(ValueError, match="data.global_batch_size=64 and data.batch_size=32 are both set"):
+        _plan(64, batch=32)
+    with pytest.raises(ValueError, match="trainer.accumulate_grad_batches=2 with data.global_batch_size=64"):
+        _plan(64, accumulate=2)
+    with pytest.raises(ValueError, match="data.max_device_batch_size must be >= 1"):
+        _plan(64, cap=0)
+    assert world_size(OmegaConf.create({"devices": [0, 2], "num_nodes": 3, "accelerator": "gpu"})) == 6

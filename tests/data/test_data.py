@@ -102,6 +102,31 @@ def test_epoch_sampler_deterministic_and_resumable():
     assert list(b) == first[8:] and list(b) == first
 
 
+def test_epoch_sampler_deals_the_epoch_out_to_ranks_and_resumes_on_another_world_size():
+    """Every optimizer step (global batch 8 = 8 x 1 = 4 x 2 = 2 x 4) holds the same samples whatever the rank count;
+    a run that consumed 3 steps on 2 ranks continues on 4 ranks (or 1) with step 4 of the 1-rank order; no sample is
+    lost or seen twice within the epoch, and every rank runs the same number of batches."""
+    def steps(world: int, skip: int = 0) -> list[set[int]]:
+        ranks = []
+        for r in range(world):
+            s = EpochSampler(42, seed=3)
+            s.set_epoch(2)
+            s.set_rank(r, world)
+            if skip:
+                s.resume_at(2, skip)
+            ranks.append(list(s))
+        assert len({len(x) for x in ranks}) == 1  # the same number of samples (so of steps) on every rank
+        per = 8 // world
+        return [set().union(*(x[j * per:(j + 1) * per] for x in ranks)) for j in range(len(ranks[0]) // per)]
+
+    one = steps(1)
+    assert len(one) == 5 and len(set().union(*one)) == 40
+    assert steps(2) == steps(4) == steps(8) == one
+    assert steps(4, skip=3 * 8) == steps(1, skip=3 * 8) == one[3:]
+    with pytest.raises(ValueError, match="rank 2 outside a world of 2"):
+        EpochSampler(4).set_rank(2, 2)
+
+
 def test_fresh_shapes_stream_new_images_every_epoch_and_resume_exactly():
     """fresh_each_epoch: epoch e reads images e·n … e·n + n − 1 of the endless stream (none seen twice), in an order
     that still depends only on (seed, e), so a mid-epoch resume skips into the same batches."""

@@ -13,6 +13,17 @@ OmegaConf.register_new_resolver("contgen.precision", lambda: "bf16-mixed" if tor
                                 replace=True)
 
 
+def _sweep_group() -> str | None:
+    """Inside a Hydra ``-m`` job: the sweep directory's name (what its points share), else None."""
+    from contgen.cli.sweep import hydra_sweep_job
+
+    job = hydra_sweep_job()
+    return job[0].name if job is not None else None
+
+
+OmegaConf.register_new_resolver("contgen.sweep_group", _sweep_group, replace=True)
+
+
 def to_container(cfg: DictConfig) -> dict:
     """Resolved plain dict: what checkpoints store (loads with ``torch.load(weights_only=True)``)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

@@ -32,7 +32,7 @@ class TokenARModule(GenerativeModule):
         self.net = nn.ModuleDict({"backbone": bb, "head": head(token_dim=tokenizer.token_dim, cond_dim=bb.cond_dim)})
         self.setup_training()
         self.sampler = sampler
-        cosine_mask_schedule(tokenizer.seq_len, sampler.num_iter)  # num_iter within [1, seq_len], before training
+        self.check_sampler(sampler)  # before training
         self.mask_ratio = MaskRatio(low=mask_ratio_min)
         if compile:
             # Only what has static shapes: the blocks over the full sequence (MAR's decoder, EAR's stack; L + buffer
@@ -54,6 +54,9 @@ class TokenARModule(GenerativeModule):
                    sampler=instantiate(cfg.sampler), num_classes=num_classes,
                    optim=OmegaConf.to_container(cfg.optim, resolve=True), seed=cfg.seed,
                    config=OmegaConf.to_container(cfg, resolve=True), **knobs)
+
+    def check_sampler(self, sampler: MaskedARSampler) -> None:
+        cosine_mask_schedule(self.tokenizer.seq_len, sampler.num_iter)  # num_iter within [1, seq_len]
 
     def decay_and_head(self) -> tuple[nn.Module, nn.Module]:
         return self.net.backbone, self.net.head

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from contgen.data.sampling import EpochSampler
 
 
 class DataModule(L.LightningDataModule):
     def __init__(self, train: Dataset, batch_size: int = 64, num_workers: int = 2, seed: int = 0, pin_memory: bool | None = None,
-                 image_size: int | None = None, root: str | None = None):
-        """``image_size`` and ``root`` are the user-facing keys the data set config interpolates
-        (``data.image_size``, ``data.root``); they are checked against the data set it built. ``pin_memory``:
-        None = only when CUDA is there (pinned memory speeds up host-to-GPU copies and does nothing on a CPU run)."""
+                 image_size: int | None = None, root: str | None = None, shards: str | None = None):
+        """``image_size``, ``root`` and ``shards`` are the user-facing keys the data set config interpolates
+        (``data.image_size``, ``data.root``, ``data.shards``); they are checked against the data set it built.
+        ``pin_memory``: None = only when CUDA is there (pinned memory speeds up host-to-GPU copies and does nothing
+        on a CPU run)."""
         super().__init__()
         if image_size is not None and getattr(train, "image_size", image_size) != image_size:
             raise ValueError(f"data.image_size={image_size} but the data set has image_size={train.image_size} "
@@ -27,7 +28,25 @@ class DataModule(L.LightningDataModule):
             raise ValueError(f"data: the training set has {len(train)} samples, fewer than data.batch_size={batch_size}")
         pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.train_set, self.batch_size, self.num_workers, self.seed, self.pin_memory = train, batch_size, num_workers, seed, pin_memory
-        self.sampler = EpochSampler(len(train), seed, stream=getattr(train, "fresh_each_epoch", False))
+        if isinstance(train, IterableDataset):
+            self.sampler = self._stream_sampler(train, batch_size, num_workers, shards)
+        else:
+            self.sampler = EpochSampler(len(train), seed, stream=getattr(train, "fresh_each_epoch", False))
+
+    # --- WebDataset shards (contgen.data.webdataset): an iterable stream that deals its epochs out to the ranks,
+    # shuffles, and resumes mid-epoch itself, so it stands in for the sampler (set_rank, set_epoch, resume_at)
+    @staticmethod
+    def _stream_sampler(train, batch_size: int, num_workers: int, shards: str | None):
+        for key, value in (("batch_size", batch_size), ("num_workers", num_workers), ("shards", shards)):
+            if value is not None and getattr(train, key) != value:
+                raise ValueError(f"data.{key}={value} but the stream has {key}={getattr(train, key)} "
+                                 f"(data.train.{key} interpolates data.{key})")
+        return train
+
+    def _stream_dataloader(self) -> DataLoader:
+        loop = self.trainer.fit_loop
+        return self.train_set.loader(self.trainer.global_rank, self.trainer.world_size,
+                                     lambda: loop.epoch_progress.current.processed, self.pin_memory)
 
     @property
     def num_classes(self) -> int:
@@ -38,6 +57,8 @@ class DataModule(L.LightningDataModule):
         return self.train_set.image_size
 
     def train_dataloader(self) -> DataLoader:
+        if isinstance(self.train_set, IterableDataset):
+            return self._stream_dataloader()
         # EpochSampler: the order of epoch e depends only on (seed, e), so a resumed run sees the same batches
         return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
                           num_workers=self.num_workers, drop_last=True, pin_memory=self.pin_memory,

@@ -105,14 +105,16 @@ def train(cfg: DictConfig) -> dict:
                                      plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     results = {"train/loss": float(trainer.callback_metrics["train/loss"])} if "train/loss" in trainer.callback_metrics else {}
-    if cfg.evaluate_after_fit and trainer.is_global_zero:
+    if cfg.evaluate_after_fit:  # every rank samples its share (strategy=ddp: the process group outlives fit)
         from contgen.cli.evaluate import evaluate_module
 
+        module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
         results.update(evaluate_module(module, cfg, datamodule.train_set, out_dir=out))
         for logger in loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))},
                                step=trainer.global_step)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    if trainer.is_global_zero:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
     if trainer.is_global_zero and (job := sweep.hydra_sweep_job()) is not None:
         print(f"sweep summary: {sweep.record_point(*job, results, out)}")
     for logger in loggers:

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from contgen.cli.build import build_datamodule, build_module, data_info
 from contgen.callbacks.final_checkpoint import FinalCheckpoint
 from contgen.callbacks.new_stage import NewStage
-from contgen.cli import console, sweep
+from contgen.callbacks.wandb_run_id import WandbRunId, wandb_run_id
+from contgen.cli import console, slurm, sweep
 from contgen.cli.checkpoint_io import AtomicCheckpointIO, load_checkpoint, resolve_ckpt_path
 from contgen.cli.config import instantiate_group, print_config
 from contgen.cli.run_dir import claim_run_dir
@@ -62,8 +64,9 @@ def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def build_loggers(cfg: DictConfig) -> list:
-    """Instantiate ``logger.*``; W&B goes offline when WANDB_MODE=offline or no credentials are configured."""
+def build_loggers(cfg: DictConfig, resume_from: str | None = None) -> list:
+    """Instantiate ``logger.*``; W&B goes offline when WANDB_MODE=offline or no credentials are configured, and
+    continues the W&B run stored in ``resume_from`` (an exact resume) unless ``logger.wandb.id`` is set."""
     loggers = []
     for name, conf in (cfg.logger or {}).items():
         if conf is None:
@@ -71,7 +74,12 @@ def build_loggers(cfg: DictConfig) -> list:
         if name == "wandb" and not conf.get("offline") and not _wandb_credentials():
             print("logger.wandb: no W&B credentials (WANDB_API_KEY / ~/.netrc) — logging offline; `wandb sync` later")
             os.environ.setdefault("WANDB_MODE", "offline")
-        loggers.append(instantiate(conf))
+        run_id = wandb_run_id(load_checkpoint(resume_from, mmap=True)) if name == "wandb" and resume_from else None
+        if run_id and conf.get("id") is None:
+            print(f"logger.wandb: continuing W&B run {run_id} (stored in {resume_from})")
+            loggers.append(instantiate(conf, id=run_id, resume="allow"))
+        else:
+            loggers.append(instantiate(conf))
         console.quiet_wandb_logger(loggers[-1])
     return loggers
 
@@ -86,6 +94,7 @@ def _wandb_credentials() -> bool:
 def train(cfg: DictConfig) -> dict:
     console.setup(cfg.get("threads", "auto"), cfg.trainer.get("accelerator"))
     out = Path(cfg.paths.output_dir)
+    slurm.resume_requeued(cfg, out)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, str(out))
     claim_run_dir(out, resuming=cfg.ckpt_path not in (None, ""))
     check_resume(cfg, ckpt_path)
@@ -97,12 +106,13 @@ def train(cfg: DictConfig) -> dict:
     check_length_and_metrics(cfg, len(datamodule.train_set) // (datamodule.batch_size * world))
     module = build_module(cfg, datamodule.num_classes, data_info(datamodule.train_set))
     console.check_train_mode(module)
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, resume_from=ckpt_path if cfg.resume_mode == "exact" else None)
     # FinalCheckpoint first: last.ckpt is written before anything else at the end of training can fail
     callbacks = [FinalCheckpoint(), *instantiate_group(cfg.callbacks)]
     callbacks += [NewStage()] if cfg.resume_mode == "new_stage" else []
+    callbacks += [WandbRunId(lg) for lg in loggers if isinstance(lg, WandbLogger)] + slurm.callbacks()
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     plugins=[AtomicCheckpointIO()])
+                                     plugins=[AtomicCheckpointIO(), *slurm.lightning_plugins()])
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     results = {"train/loss": float(trainer.callback_metrics["train/loss"])} if "train/loss" in trainer.callback_metrics else {}
     if cfg.evaluate_after_fit:  # every rank samples its share (strategy=ddp: the process group outlives fit)

@@ -41,6 +41,11 @@ def check_metrics(m: DictConfig) -> None:
                                 "weights-inception-2015-12-05-6726825d.pth)")
 
 
+def chunk_generator(device, seed: int, chunk: int) -> torch.Generator:
+    """The generator of chunk ``chunk`` of an evaluation set: depends on (seed, chunk) only, not on who draws it."""
+    return torch.Generator(device).manual_seed(hash((seed, chunk)) & (2**62 - 1))
+
+
 def generate_balanced(module, num_samples: int, batch_size: int, seed: int, use_ema: bool = True, sampler=None):
     """``num_samples`` images, labels cycling over the classes, drawn in chunks of ``batch_size``. Chunk i has its own
     generator, seeded by (seed, i), so the set is the same however many processes draw it: under torch.distributed
@@ -52,7 +57,7 @@ def generate_balanced(module, num_samples: int, batch_size: int, seed: int, use_
     share = f" on rank {rank} of {world}" if world > 1 else ""
     drawn = {}
     for i in progress(range(rank, len(chunks), world), f"sampling {num_samples} images (batches){share}"):
-        g = torch.Generator(module.device).manual_seed(hash((seed, i)) & (2**62 - 1))
+        g = chunk_generator(module.device, seed, i)
         drawn[i] = module.generate(chunks[i].to(module.device), generator=g, use_ema=use_ema, sampler=sampler).cpu()
     if world > 1:
         parts = [None] * world if rank == 0 else None

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from contgen.cli.build import build_datamodule, build_module, data_info
+from contgen.cli.build import batch_plan, build_datamodule, build_module, data_info, world_size
 from contgen.callbacks.final_checkpoint import FinalCheckpoint
 from contgen.callbacks.new_stage import NewStage
 from contgen.callbacks.wandb_run_id import WandbRunId, wandb_run_id
@@ -60,6 +60,17 @@ def check_length_and_metrics(cfg: DictConfig, batches_per_epoch: int) -> None:
         check_metrics(cfg.metrics)
 
 
+def plan_batch(cfg: DictConfig) -> None:
+    """Write the per-device batch and accumulation that ``data.global_batch_size`` gives into the config (what the
+    run uses, and what its config.yaml and checkpoints record)."""
+    if cfg.data.get("global_batch_size") is None:
+        return
+    batch, accumulate = batch_plan(cfg.data, cfg.trainer)
+    cfg.data.batch_size, cfg.trainer.accumulate_grad_batches = batch, accumulate
+    print(f"data.global_batch_size={cfg.data.global_batch_size} over {world_size(cfg.trainer)} device(s): "
+          f"data.batch_size={batch} per device, trainer.accumulate_grad_batches={accumulate}")
+
+
 def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
@@ -98,12 +109,11 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, str(out))
     claim_run_dir(out, resuming=cfg.ckpt_path not in (None, ""))
     check_resume(cfg, ckpt_path)
+    plan_batch(cfg)
     print_config(cfg, save_to=out / "config.yaml")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
-    t = cfg.trainer  # devices may be "auto" or a list: count 1 there (the check only needs the order of magnitude)
-    world = (t.devices if isinstance(t.devices, int) and t.devices > 0 else 1) * (t.num_nodes or 1)
-    check_length_and_metrics(cfg, len(datamodule.train_set) // (datamodule.batch_size * world))
+    check_length_and_metrics(cfg, len(datamodule.train_set) // (datamodule.batch_size * world_size(cfg.trainer)))
     module = build_module(cfg, datamodule.num_classes, data_info(datamodule.train_set))
     console.check_train_mode(module)
     loggers = build_loggers(cfg, resume_from=ckpt_path if cfg.resume_mode == "exact" else None)

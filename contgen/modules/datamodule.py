@@ -59,21 +59,24 @@ class DataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if isinstance(self.train_set, IterableDataset):
             return self._stream_dataloader()
-        # EpochSampler: the order of epoch e depends only on (seed, e), so a resumed run sees the same batches
+        # EpochSampler: the order of epoch e depends only on (seed, e), so a resumed run sees the same batches; it
+        # deals the order out to the ranks itself (trainer.use_distributed_sampler is off)
+        self.sampler.set_rank(self.trainer.global_rank, self.trainer.world_size)
         return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
                           num_workers=self.num_workers, drop_last=True, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 
-    # A checkpoint written mid-epoch records how many batches of the epoch were consumed; on resume the sampler
-    # skips them, so a killed run continues with exactly the batches the uninterrupted run would have seen.
+    # A checkpoint written mid-epoch records how many samples of the epoch all ranks together consumed; on resume the
+    # sampler skips them, so a killed run continues with exactly the batches the uninterrupted run would have seen,
+    # also on another device count (the count is in samples, not in batches of one world size).
     def state_dict(self) -> dict:
         loop = self.trainer.fit_loop
-        return {"epoch": loop.epoch_progress.current.processed,
-                "batches_done": loop.epoch_loop.batch_progress.current.processed}
+        batches = loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": loop.epoch_progress.current.processed, "batches_done": batches,
+                "samples_done": batches * self.batch_size * self.trainer.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        # under DDP Lightning wraps this sampler and deals its indices out to the ranks: skip every rank's share
-        consumed = state["batches_done"] * self.batch_size * self.trainer.world_size
+        consumed = state.get("samples_done", state["batches_done"] * self.batch_size * self.trainer.world_size)
         if 0 < consumed < len(self.train_set):
             self.sampler.resume_at(state["epoch"], consumed)
 

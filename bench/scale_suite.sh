@@ -12,8 +12,8 @@ if [ "$1" = train ]; then
   run train --model mar_base --strategy fsdp --devices 2 --global-batch 128 --warmup 10 --steps 60
   run train --model mar_base --strategy ddp  --devices 2 --global-batch 256 --warmup 10 --steps 40
   run train --model mar_base --strategy ddp  --devices 4 --global-batch 512 --warmup 10 --steps 40
-  run train --model mar_huge --strategy ddp  --devices 4 --global-batch 256 --warmup 3 --steps 10
-  run train --model mar_huge --strategy fsdp --devices 4 --global-batch 256 --warmup 3 --steps 10
+  run train --model mar_huge --strategy ddp  --devices 4 --global-batch 128 --warmup 3 --steps 10
+  run train --model mar_huge --strategy fsdp --devices 4 --global-batch 128 --warmup 3 --steps 10
 else
   T=420 run sample --devices 4 --num-images 10000
   T=300 run sample --devices 1 --num-images 10000 --max-chunks 8

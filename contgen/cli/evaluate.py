@@ -50,15 +50,23 @@ def generate_balanced(module, num_samples: int, batch_size: int, seed: int, use_
     """``num_samples`` images, labels cycling over the classes, drawn in chunks of ``batch_size``. Chunk i has its own
     generator, seeded by (seed, i), so the set is the same however many processes draw it: under torch.distributed
     rank r of W draws chunks r, r + W, ... and rank 0 gathers them in order. Returns (images, labels) on the CPU on
-    rank 0 and (None, None) on the other ranks. ``sampler``: a sampler to use instead of the module's own."""
+    rank 0 and (None, None) on the other ranks. ``sampler``: a sampler to use instead of the module's own.
+
+    Every rank makes the same number of ``generate`` calls: a rank short of a chunk draws its first one again and
+    drops it. A model sharded with FSDP gathers its layers collectively in every forward, so ranks must stay in
+    step; it costs no time, since the others would wait for the slowest rank at the gather anyway."""
     labels = torch.arange(num_samples) % module.num_classes
     chunks = labels.split(batch_size)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     share = f" on rank {rank} of {world}" if world > 1 else ""
+    mine = list(range(rank, len(chunks), world))
+    calls = mine + mine[:1] * (-(-len(chunks) // world) - len(mine))  # ceil(chunks / world) calls on every rank
     drawn = {}
-    for i in progress(range(rank, len(chunks), world), f"sampling {num_samples} images (batches){share}"):
+    for n, i in enumerate(progress(calls or [0], f"sampling {num_samples} images (batches){share}")):
         g = chunk_generator(module.device, seed, i)
-        drawn[i] = module.generate(chunks[i].to(module.device), generator=g, use_ema=use_ema, sampler=sampler).cpu()
+        images = module.generate(chunks[i].to(module.device), generator=g, use_ema=use_ema, sampler=sampler).cpu()
+        if n < len(mine):
+            drawn[i] = images
     if world > 1:
         parts = [None] * world if rank == 0 else None
         dist.gather_object(drawn, parts, dst=0)

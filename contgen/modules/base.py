@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
 from torch import nn
 
@@ -67,6 +68,11 @@ class GenerativeModule(L.LightningModule):
     # --- hooks of a family ------------------------------------------------------------------------
     def decay_and_head(self) -> tuple[nn.Module, nn.Module | None]:
         """(the module whose weight matrices decay, the head whose matrices take ``head_lr_scale``)."""
+        raise NotImplementedError
+
+    def sharded_units(self) -> list[nn.Module]:
+        """The modules that FSDP shards as units besides the transformer blocks: those called through ``forward``
+        (FSDP gathers a unit's parameters only around its forward), for the trained net and its EMA copy alike."""
         raise NotImplementedError
 
     @staticmethod
@@ -168,11 +174,15 @@ class GenerativeModule(L.LightningModule):
         """Global-norm clipping (MAR/EAR 3.0, UCGM few-step 0.1). Lightning's mixed-precision plugin refuses to clip
         for any optimizer that could unscale gradients itself (a fused AdamW), also under bf16, where no GradScaler
         exists and the gradients are already unscaled; so without a GradScaler the gradients are clipped here
-        directly. fp16-mixed goes through Lightning (unscale, then clip) with the foreach kernel."""
+        directly. fp16-mixed goes through Lightning (unscale, then clip) with the foreach kernel. Under FSDP each rank
+        holds a shard of every gradient: the FSDP root computes the norm over all of them."""
         if not gradient_clip_val:
             return
         if self.trainer.precision == "16-mixed" or gradient_clip_algorithm not in (None, "norm"):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 

@@ -61,6 +61,9 @@ class TokenARModule(GenerativeModule):
     def decay_and_head(self) -> tuple[nn.Module, nn.Module]:
         return self.net.backbone, self.net.head
 
+    def sharded_units(self) -> list[nn.Module]:  # a head's loss / sample call its network's forward
+        return [m for net in (self.net, self.ema.shadow) for m in (net.backbone, getattr(net.head, "net", net.head))]
+
     @staticmethod
     def released_num_classes(path: str, allow_pickle: bool = False) -> int:
         return reference_num_classes(path, allow_pickle)

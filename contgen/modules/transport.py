@@ -64,6 +64,10 @@ class TransportModule(GenerativeModule):
     def decay_and_head(self) -> tuple[nn.Module, None]:
         return self.net.denoiser, None
 
+    def sharded_units(self) -> list[nn.Module]:  # the teacher's own copy too: its EMA update is shard-local as well
+        teacher = [self.teacher.net] if self.teacher is not None and self.teacher.net is not None else []
+        return [self.net.denoiser, self.ema.shadow.denoiser, *teacher]
+
     def setup(self, stage: str) -> None:
         """The objective binds the batch layout (Shortcut's levels over the global batch). ``module.init_ckpt`` is read
         when fitting starts, not when the module is built, so that sample.py and

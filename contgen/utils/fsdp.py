@@ -4,11 +4,13 @@ alike, and the frozen tokenizer stays whole on every rank.
 ``ShardedStrategy`` is Lightning's ``FSDPStrategy`` (bf16 mixed precision from ``trainer.precision``, full state dict
 checkpoints that load on any device count and in sample.py / evaluate.py on one device) with contgen's wrap policy:
 
-* every transformer block (``BLOCKS``) is a unit, and so are ``net`` and ``ema.shadow`` themselves. The EMA update is
-  shard-local (``torch._foreach_lerp_`` over each rank's pieces): that needs each shadow parameter's local piece to
-  match its trained twin's, which holds because the two are wrapped by the same rule into units of their own (had
-  they shared the root unit, one flat parameter would hold both and split them at different offsets). The full
-  state dict gathers the EMA weights at save.
+* every transformer block (``BLOCKS``) is a unit, and so is every module the family calls through ``forward``
+  (``GenerativeModule.sharded_units``: the backbone and the head's network, or the denoiser), in the trained net and
+  its EMA copy alike; FSDP gathers a unit's parameters only around its forward. The EMA update is shard-local
+  (``torch._foreach_lerp_`` over each rank's pieces): that needs each shadow parameter's local piece to match its
+  trained twin's, which holds because the two are wrapped by the same rule into units of their own (had they shared
+  one unit, one flat parameter would hold both and split them at different offsets). The full state dict gathers
+  the EMA weights at save.
 * the tokenizer is an ignored module: frozen, used outside the sharded forward, never gathered.
 * ``activation_checkpointing: true`` recomputes each block in the backward pass.
 """
@@ -24,8 +26,8 @@ from torch import nn
 BLOCKS = ("contgen.nn.transformer.Block", "contgen.backbones.dit.DiTBlock", "contgen.backbones.tit.TiTBlock")
 
 
-def _unit(roots: tuple[nn.Module, ...], blocks: tuple[type, ...], module: nn.Module) -> bool:
-    return isinstance(module, blocks) or any(module is r for r in roots)
+def _unit(units: tuple[nn.Module, ...], blocks: tuple[type, ...], module: nn.Module) -> bool:
+    return isinstance(module, blocks) or any(module is u for u in units)
 
 
 class ShardedStrategy(FSDPStrategy):
@@ -37,9 +39,7 @@ class ShardedStrategy(FSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp.wrap import CustomPolicy
 
-        roots = tuple(m for m in (getattr(model, "net", None), getattr(getattr(model, "ema", None), "shadow", None))
-                      if m is not None)
-        self.kwargs["auto_wrap_policy"] = CustomPolicy(partial(_unit, roots, self.blocks))
+        self.kwargs["auto_wrap_policy"] = CustomPolicy(partial(_unit, tuple(model.sharded_units()), self.blocks))
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is not None:
             self.kwargs["ignored_modules"] = [tokenizer.to(self.root_device)]

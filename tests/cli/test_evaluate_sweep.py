@@ -4,6 +4,7 @@ processes with per-chunk seeds."""
 import csv
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,7 +79,11 @@ def _draw(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        images, labels = generate_balanced(make(), 10, 3, seed=5)
+        module, calls = make(), []
+        generate = module.generate
+        module.generate = lambda *a, **k: calls.append(1) or generate(*a, **k)
+        images, labels = generate_balanced(module, 10, 3, seed=5)
+        Path(f"{out}.calls{rank}").write_text(str(len(calls)))
         if rank == 0:
             torch.save({"images": images, "labels": labels}, out)
         else:
@@ -88,12 +93,14 @@ def _draw(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_sharded_sampling_gives_the_images_of_one_process(tmp_path, one_thread):
-    """10 images in chunks of 3 (the last one short): two gloo processes draw chunks {0, 2} and {1, 3}, rank 0 gathers
-    them; the set is bit-identical (fp32, one thread) to the one drawn by a single process."""
+    """10 images in chunks of 3 (the last one short): three gloo processes draw chunks {0, 3}, {1} and {2}, rank 0
+    gathers them; the set is bit-identical (fp32, one thread) to the one drawn by a single process. Every rank makes
+    the same number of generate calls (2), as a model sharded with FSDP needs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_draw, args=(2, port, str(tmp_path / "two.pt")), nprocs=2)
+    mp.spawn(_draw, args=(3, port, str(tmp_path / "two.pt")), nprocs=3)
+    assert [int((tmp_path / f"two.pt.calls{r}").read_text()) for r in range(3)] == [2, 2, 2]
     two = torch.load(tmp_path / "two.pt")
     images, labels = generate_balanced(make(), 10, 3, seed=5)
     assert images.shape == (10, 3, 16, 16) and labels.tolist() == [i % 12 for i in range(10)]

@@ -26,6 +26,19 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def new_store(dataset: Dataset, out_dir: str | Path, command: str, flip_note: str) -> Path:
+    """The folder a store of ``dataset`` (a token cache, WebDataset shards) is written to: the data set must not
+    random-flip (``flip_note`` says why and what to do), and a folder holding a complete store (its meta.json) is
+    never written over."""
+    if getattr(dataset, "hflip", False):
+        raise ValueError(f"{command}: the data set random-flips (hflip=True), {flip_note}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "meta.json").exists():
+        raise FileExistsError(f"out: {out} already holds a complete store (meta.json); choose another folder")
+    return out
+
+
 @torch.no_grad()
 def cache_tokens(dataset: Dataset, tokenizer, out_dir: str | Path, batch_size: int = 64, shard_size: int = 65536,
                  dtype: str = "float32", num_workers: int = 0, device: str | torch.device = "cpu",
@@ -33,13 +46,8 @@ def cache_tokens(dataset: Dataset, tokenizer, out_dir: str | Path, batch_size: i
     """Encode every image of ``dataset`` (which must not random-flip: pass ``hflip=False``) and its flip."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype: {dtype!r} is not a cache dtype; expected one of {DTYPES}")
-    if getattr(dataset, "hflip", False):
-        raise ValueError("cache_tokens: the data set random-flips (hflip=True), which would corrupt view 0; "
-                         "build it with hflip=False (the cache stores the image and its flip itself)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "meta.json").exists():
-        raise FileExistsError(f"out: {out} already holds a complete token cache (meta.json); choose another folder")
+    out = new_store(dataset, out_dir, "cache_tokens", "which would corrupt view 0; build it with hflip=False (the "
+                    "cache stores the image and its flip itself)")
     tokenizer = tokenizer.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     shard_sizes, buffer, labels, total = [], [], [], 0

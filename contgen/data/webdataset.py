@@ -72,17 +72,12 @@ def pack_shards(dataset: Dataset, out_dir: str | Path, maxcount: int = 1000, sou
                 progress: bool = True) -> Path:
     """Write every sample of ``dataset`` (built without random flips: the loader flips) into ``shard-%06d.tar``
     files of ``maxcount`` samples, then ``meta.json``. ``source``: the data set's config, recorded in meta.json."""
-    from contgen.data.cached import CachedTokens
+    from contgen.data.cached import CachedTokens, new_store
 
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
-    if getattr(dataset, "hflip", False):
-        raise ValueError("pack_shards: the data set random-flips (hflip=True); build it with hflip=False "
-                         "(data.train.hflip of the webdataset config flips at load time)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "meta.json").exists():
-        raise FileExistsError(f"out: {out} already holds packed shards (meta.json); choose another folder")
+    out = new_store(dataset, out_dir, "pack_shards", "build it with hflip=False (data.train.hflip of the "
+                    "webdataset config flips at load time)")
     shards: list[dict] = []
     writer = wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=maxcount, verbose=0,
                              post=lambda fname: shards.append({"name": Path(fname).name, "num_samples": writer.count}))

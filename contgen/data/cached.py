@@ -39,6 +39,20 @@ def new_store(dataset: Dataset, out_dir: str | Path, command: str, flip_note: st
     return out
 
 
+def read_store_meta(folder: str | Path, key: str, command: str, version: int) -> dict:
+    """The meta.json of a complete store (``command`` writes it last) in the format this contgen reads; ``key``: the
+    config setting that points at it."""
+    meta_path = Path(folder) / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{key}: {folder} holds no complete store (no meta.json; {command} writes it last, an "
+                                f"interrupted run leaves none) — run {command} first")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != version:
+        raise ValueError(f"{key}: store format {meta.get('format_version')} in {meta_path}, this contgen reads "
+                         f"{version}; re-run {command}")
+    return meta
+
+
 @torch.no_grad()
 def cache_tokens(dataset: Dataset, tokenizer, out_dir: str | Path, batch_size: int = 64, shard_size: int = 65536,
                  dtype: str = "float32", num_workers: int = 0, device: str | torch.device = "cpu",
@@ -86,15 +100,7 @@ class CachedTokens(Dataset):
 
     def __init__(self, root: str):
         self.root = str(root)
-        meta_path = Path(root) / "meta.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"data.root: {root} holds no complete token cache (no meta.json; an interrupted "
-                                    "cache_tokens.py run leaves none) — run cache_tokens.py first")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"data.root: cache format {meta.get('format_version')} in {root}, this contgen reads "
-                             f"{FORMAT_VERSION}; re-run cache_tokens.py")
-        self.meta = meta
+        self.meta = meta = read_store_meta(root, f"data.root={root}", "cache_tokens.py", FORMAT_VERSION)
         for key in ("num_classes", "class_names", "seq_len", "moment_dim", "token_dim", "image_size"):
             setattr(self, key, meta[key])
         self.moments, self.labels = self._open()

@@ -31,6 +31,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from contgen.data.cached import read_store_meta
 from contgen.data.imagefolder import EXTENSIONS, center_crop_arr
 
 FORMAT_VERSION = 1
@@ -106,25 +107,18 @@ def resolve_shards(shards: str) -> tuple[dict, list[tuple[str, int]]]:
     (``/d/shard-{000000..000009}.tar``) — as (meta.json, [(shard path, sample count)])."""
     path = Path(str(shards))
     folder = path if path.is_dir() else path.parent
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"data.shards={shards}: no meta.json in {folder} (pack_shards.py writes it last; "
-                                "an interrupted run leaves none)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"data.shards: shard format {meta.get('format_version')} in {meta_path}, this contgen reads "
-                         f"{FORMAT_VERSION}; re-run pack_shards.py")
+    meta = read_store_meta(folder, f"data.shards={shards}", "pack_shards.py", FORMAT_VERSION)
     counts = {s["name"]: s["num_samples"] for s in meta["shards"]}
     if path.is_dir() or path.name == "meta.json":
         names = list(counts)
     else:
         names = [Path(u).name for u in wds.shardlists.expand_urls(str(shards))]
         if unknown := [n for n in names if n not in counts]:
-            raise ValueError(f"data.shards: {unknown[:3]} not listed in {meta_path}")
+            raise ValueError(f"data.shards: {unknown[:3]} not listed in {folder / 'meta.json'}")
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"data.shards: {len(missing)} shard(s) listed in {meta_path} are missing, e.g. "
-                                f"{folder / missing[0]}")
+        raise FileNotFoundError(f"data.shards: {len(missing)} shard(s) listed in {folder / 'meta.json'} are missing, "
+                                f"e.g. {folder / missing[0]}")
     return meta, [(str(folder / n), counts[n]) for n in names]
 
 

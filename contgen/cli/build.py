@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, open_dict
 
 from contgen.modules.base import GenerativeModule
 from contgen.modules.datamodule import DataModule
@@ -15,8 +17,11 @@ BATCH_PLAN_KEYS = ("global_batch_size", "max_device_batch_size")
 
 
 def build_datamodule(cfg: DictConfig) -> DataModule:
-    data = {k: v for k, v in cfg.data.items() if k not in BATCH_PLAN_KEYS}
-    return instantiate(data, _recursive_=True, _convert_="object")
+    cfg = copy.deepcopy(cfg)  # the data node keeps its parent: ${seed} and the like resolve as in the run's config
+    with open_dict(cfg.data):
+        for key in BATCH_PLAN_KEYS:
+            cfg.data.pop(key, None)
+    return instantiate(cfg.data, _recursive_=True, _convert_="object")
 
 
 def world_size(trainer: DictConfig) -> int:

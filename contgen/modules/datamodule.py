@@ -61,7 +61,8 @@ class DataModule(L.LightningDataModule):
             return self._stream_dataloader()
         # EpochSampler: the order of epoch e depends only on (seed, e), so a resumed run sees the same batches; it
         # deals the order out to the ranks itself (trainer.use_distributed_sampler is off)
-        self.sampler.set_rank(self.trainer.global_rank, self.trainer.world_size)
+        if self.trainer is not None:  # a loader made outside a Trainer reads the whole epoch
+            self.sampler.set_rank(self.trainer.global_rank, self.trainer.world_size)
         return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
                           num_workers=self.num_workers, drop_last=True, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)

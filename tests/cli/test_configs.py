@@ -85,12 +85,13 @@ def test_sampler_options_instantiate(name):
 @pytest.mark.parametrize("name", options("data"))
 def test_data_options_instantiate(name, tmp_path):
     cfg = compose_train(f"data={name}")
-    if "root" in cfg.data.keys():  # `in` is False for a ??? (missing) value
-        with open_dict(cfg):
-            cfg.data.root = str(tmp_path / "missing")
-        with pytest.raises(InstantiationException, match="data.root"):
-            build_datamodule(cfg)
-        return
+    for key in ("root", "shards"):
+        if key in cfg.data.keys():  # `in` is False for a ??? (missing) value
+            with open_dict(cfg):
+                cfg.data[key] = str(tmp_path / "missing")
+            with pytest.raises(InstantiationException, match=f"data.{key}"):
+                build_datamodule(cfg)
+            return
     dm = build_datamodule(cfg)
     assert dm.num_classes >= 10 and len(dm.train_set) >= dm.batch_size
 
@@ -109,7 +110,10 @@ def test_trainer_options_instantiate(name, tmp_path):
 @pytest.mark.parametrize("name", options("strategy"))
 def test_strategy_options_instantiate(name):
     cfg = compose_train(f"strategy={name}")
-    assert type(instantiate(cfg.trainer.strategy)).__name__ == "DDPStrategy"
+    strategy = instantiate(cfg.trainer.strategy)
+    assert type(strategy).__name__ == {"fsdp": "ShardedStrategy"}.get(name, "DDPStrategy")
+    if name != "fsdp":  # buffers are constants or per-rank NaN flags: never overwritten from rank 0
+        assert strategy._ddp_kwargs["broadcast_buffers"] is False
 
 
 @pytest.mark.parametrize("name", options("logger"))

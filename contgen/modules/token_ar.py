@@ -24,12 +24,13 @@ from contgen.utils.reference_ckpt import load_reference_mar, reference_num_class
 
 
 class TokenARModule(GenerativeModule):
+    causal = False  # masked random order; CausalARModule (causal_ar.py): one token per step in a fixed order
+
     def __init__(self, tokenizer: nn.Module, backbone: Callable[..., nn.Module], head: Callable[..., nn.Module],
                  sampler: MaskedARSampler, num_classes: int, optim: dict, mask_ratio_min: float = 0.7,
                  seed: int = 0, compile: bool = False, sample_precision: str = "auto", config: dict | None = None):
         super().__init__(tokenizer, num_classes, optim, seed, sample_precision, config)
-        bb = backbone(seq_len=tokenizer.seq_len, token_dim=tokenizer.token_dim, num_classes=num_classes)
-        self.net = nn.ModuleDict({"backbone": bb, "head": head(token_dim=tokenizer.token_dim, cond_dim=bb.cond_dim)})
+        self.net = self.build_net(tokenizer, backbone, head, num_classes)
         self.setup_training()
         self.sampler = sampler
         self.check_sampler(sampler)  # before training
@@ -41,6 +42,27 @@ class TokenARModule(GenerativeModule):
             for block in self.net.backbone.decoder_blocks:
                 block.compile()
             self.net.head.net.compile(dynamic=True)
+
+    def build_net(self, tokenizer: nn.Module, backbone: Callable[..., nn.Module], head: Callable[..., nn.Module],
+                  num_classes: int) -> nn.ModuleDict:
+        """Backbone and head sized by the tokenizer. A discrete tokenizer (``vocab_size`` set; tokens are (B, L) int64
+        ids) gives both ``vocab_size``: the backbone embeds ids, the head models ids (``loss=categorical``); a
+        continuous one gives them ``token_dim``."""
+        vocab = getattr(tokenizer, "vocab_size", None)
+        spec = {"vocab_size": vocab} if vocab else {"token_dim": tokenizer.token_dim}
+        kind = "discrete" if vocab else "continuous"
+        if vocab and not getattr(getattr(backbone, "func", backbone), "embeds_ids", False):
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} is discrete (vocab_size={vocab}): the backbone "
+                             "must embed ids (model=gpt_*)")
+        if bool(vocab) != getattr(getattr(head, "func", head), "discrete", False):
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} gives {kind} tokens: use "
+                             f"{'loss=categorical' if vocab else 'a continuous head (loss=diffusion, energy, ...)'}")
+        bb = backbone(seq_len=tokenizer.seq_len, num_classes=num_classes, **spec)
+        causal = getattr(bb, "causal", False)
+        if causal != self.causal:
+            raise ValueError(f"model {type(bb).__name__} is {'causal' if causal else 'masked'}: use "
+                             f"module={'causal_ar' if causal else 'token_ar'}")
+        return nn.ModuleDict({"backbone": bb, "head": head(cond_dim=bb.cond_dim, **spec)})
 
     @classmethod
     def from_config(cls, cfg, tokenizer: nn.Module, num_classes: int) -> "TokenARModule":

@@ -76,7 +76,9 @@ def generate_balanced(module, num_samples: int, batch_size: int, seed: int, use_
     return torch.cat([drawn[i] for i in range(len(chunks))]), labels
 
 
-def builtin_scores(data_train: dict, images: torch.Tensor, labels: torch.Tensor, cache_dir: str) -> dict:
+def builtin_classifier(data_train: dict, cache_dir: str):
+    """(the built-in classifier of a built-in data set, trained once and cached in ``cache_dir``, its description,
+    the training set)."""
     name = BUILTIN[data_train["_target_"]]
     data_train = {k: v for k, v in data_train.items() if k != "repeat"}  # the classifier sees each image once
     train_set, heldout = instantiate(data_train), instantiate({**data_train, "split": "val"})
@@ -84,7 +86,11 @@ def builtin_scores(data_train: dict, images: torch.Tensor, labels: torch.Tensor,
     fit_set = instantiate({**data_train, "num_samples": 4096}) if "num_samples" in data_train else train_set
     description = {"name": name, "image_size": train_set.image_size, "num_classes": train_set.num_classes,
                    "seed": data_train.get("seed", 0), "num_samples": len(fit_set)}
-    classifier = load_or_train_classifier(fit_set, heldout, description, cache_dir)
+    return load_or_train_classifier(fit_set, heldout, description, cache_dir), description, train_set
+
+
+def builtin_scores(data_train: dict, images: torch.Tensor, labels: torch.Tensor, cache_dir: str) -> dict:
+    classifier, description, train_set = builtin_classifier(data_train, cache_dir)
     ref = load_or_compute_ref_stats(classifier, train_set, {**description, "num_samples": len(train_set)}, cache_dir)
     scores = builtin_metrics(classifier, images, labels, ref)
     return {"fd_builtin": scores["fd"], "class_acc": scores["class_acc"], "classifier_acc": classifier.heldout_accuracy}

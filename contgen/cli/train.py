@@ -19,6 +19,7 @@ from contgen.cli import console, slurm, sweep
 from contgen.cli.checkpoint_io import AtomicCheckpointIO, load_checkpoint, resolve_ckpt_path
 from contgen.cli.config import instantiate_group, print_config
 from contgen.cli.run_dir import claim_run_dir
+from contgen.modules.base import require_pixels
 
 RESUME_MODES = ("exact", "new_stage")
 
@@ -58,6 +59,17 @@ def check_length_and_metrics(cfg: DictConfig, batches_per_epoch: int) -> None:
         from contgen.cli.evaluate import check_metrics
 
         check_metrics(cfg.metrics)
+
+
+def check_pixels(cfg: DictConfig, module) -> None:
+    """Before any compute: what samples images during or after training needs a tokenizer that decodes."""
+    callbacks = cfg.get("callbacks") or {}
+    online_fid = callbacks.get("online_fid") or {}
+    wants = [fix for fix, on in (("evaluate_after_fit=false", cfg.evaluate_after_fit),
+                                 ("callbacks.sample_grid=null", callbacks.get("sample_grid") is not None),
+                                 ("callbacks.online_fid.every_n_steps=0", online_fid.get("every_n_steps"))) if on]
+    if wants:
+        require_pixels(module.tokenizer, f"train without sampling images: {' '.join(wants)}")
 
 
 def plan_batch(cfg: DictConfig) -> None:
@@ -116,6 +128,7 @@ def train(cfg: DictConfig) -> dict:
     check_length_and_metrics(cfg, len(datamodule.train_set) // (datamodule.batch_size * world_size(cfg.trainer)))
     module = build_module(cfg, datamodule.num_classes, data_info(datamodule.train_set))
     console.check_train_mode(module)
+    check_pixels(cfg, module)
     loggers = build_loggers(cfg, resume_from=ckpt_path if cfg.resume_mode == "exact" else None)
     # FinalCheckpoint first: last.ckpt is written before anything else at the end of training can fail
     callbacks = [FinalCheckpoint(), *instantiate_group(cfg.callbacks)]

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 FORMAT_VERSION = 1
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "int32")  # int32: a tokenizer whose moments are its token ids (``id_moments``:
+# tokenizer=digit_kmeans), read back as float32 like moments (exact below 2^24), made int64 by its ``sample``
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
@@ -58,8 +59,10 @@ def cache_tokens(dataset: Dataset, tokenizer, out_dir: str | Path, batch_size: i
                  dtype: str = "float32", num_workers: int = 0, device: str | torch.device = "cpu",
                  tokenizer_info: dict | None = None, progress: bool = True) -> Path:
     """Encode every image of ``dataset`` (which must not random-flip: pass ``hflip=False``) and its flip."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: {dtype!r} is not a cache dtype; expected one of {DTYPES}")
+    ids = getattr(tokenizer, "id_moments", False)
+    if dtype not in DTYPES or (dtype == "int32") != ids:
+        want = "int32 (the tokenizer's moments are token ids)" if ids else "float32 or float16"
+        raise ValueError(f"dtype: {dtype!r} is not a cache dtype for {type(tokenizer).__name__}; expected {want}")
     out = new_store(dataset, out_dir, "cache_tokens", "which would corrupt view 0; build it with hflip=False (the "
                     "cache stores the image and its flip itself)")
     tokenizer = tokenizer.to(device).eval()

@@ -30,6 +30,14 @@ OPTIMIZERS = ("adamw", "radam")  # MAR/EAR/UCGM multi-step: AdamW; UCGM few-step
 _DEVICE_STREAM, _HOST_STREAM = 0, 1
 
 
+def require_pixels(tokenizer: nn.Module, fix: str) -> None:
+    """Refuse, before any compute, to sample pixels through a tokenizer that has no ``decode`` (``decodes`` False):
+    a discriminative tokenizer's ids (DiGIT, reference/digit.md §3) are rendered by a second model."""
+    if not getattr(tokenizer, "decodes", True):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} does not decode token ids to pixels (a discriminative "
+                         f"tokenizer: pixels come from a second model, DiGIT's stage 2 pixel decoder); {fix}")
+
+
 def check_optim(optim: dict) -> dict:
     unknown, missing = set(optim) - OPTIM_KEYS, OPTIM_KEYS - set(optim)
     if unknown or missing:
@@ -195,6 +203,7 @@ class GenerativeModule(L.LightningModule):
                  sampler=None) -> torch.Tensor:
         """Images in [-1, 1] (fp32) for ``labels``, from the EMA weights by default, sampled and decoded under
         ``sample_precision`` (as the references decode inside their autocast, engine_mar.py:155-159)."""
+        require_pixels(self.tokenizer, "this model samples token ids only")
         net = self.sampling_net(use_ema)
         was_training = net.training
         net.eval()

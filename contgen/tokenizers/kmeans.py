@@ -332,6 +332,7 @@ class KMeans:
         self.splits: list[int] = []  # empty clusters repaired after each iteration
         self.sizes: torch.Tensor | None = None  # cluster sizes at the last assignment (sum = train_points)
         self.num_points = self.train_points = None
+        self.file_meta: dict = {}  # the meta of the file ``load`` read (empty for a bare .npy)
 
     @torch.no_grad()
     def fit(self, data) -> "KMeans":
@@ -407,8 +408,9 @@ class KMeans:
             "sizes": None if self.sizes is None else self.sizes.tolist(),
         }
 
-    def save(self, path) -> None:
-        """Write the centroids (K, D) fp32 and :meth:`meta` to one file that ``torch.load(weights_only=True)`` reads.
+    def save(self, path, extra: dict | None = None) -> None:
+        """Write the centroids (K, D) fp32 and :meth:`meta` (plus ``extra``: plain containers, e.g. what made the
+        features) to one file that ``torch.load(weights_only=True)`` reads; ``load`` returns it as ``file_meta``.
         The file is written to ``<path>.tmp`` and then renamed, so an interrupted write never leaves a partial file.
         Under torch.distributed, only one rank should call this."""
         if self.centroids is None:
@@ -416,7 +418,7 @@ class KMeans:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"centroids": self.centroids.cpu(), "meta": self.meta()}, tmp)
+        torch.save({"centroids": self.centroids.cpu(), "meta": {**self.meta(), **(extra or {})}}, tmp)
         os.replace(tmp, path)
 
     @classmethod
@@ -446,7 +448,7 @@ class KMeans:
         km = cls(centroids.shape[0], iters=meta.get("iters", 0), seed=meta.get("seed", 1234),
                  init=meta["init"] if meta.get("init") in INITS else "random",
                  max_points_per_centroid=meta.get("max_points_per_centroid", 256))
-        km.centroids = centroids.float()
+        km.centroids, km.file_meta = centroids.float(), dict(meta)
         km.inertia, km.splits = list(meta.get("inertia", [])), list(meta.get("splits", []))
         km.sizes = None if meta.get("sizes") is None else torch.tensor(meta["sizes"])
         km.num_points, km.train_points = meta.get("num_points"), meta.get("train_points")

@@ -65,6 +65,9 @@ def test_loss_options_instantiate(name):
 @pytest.mark.parametrize("name", options("tokenizer"))
 def test_tokenizer_options_instantiate(name, tmp_path):
     cfg = compose_train(f"tokenizer={name}")
+    if name == "digit_kmeans":  # K-means centroids over its encoder's features (fit_kmeans.py; tests/tokenizers)
+        torch.save({"centroids": torch.randn(4, 768)}, tmp_path / "centroids.pt")
+        cfg.tokenizer.centroids_path = str(tmp_path / "centroids.pt")
     if "ckpt_path" in cfg.tokenizer.keys():  # needs weights: a missing file must be a clear error naming the key
         with open_dict(cfg):
             cfg.tokenizer.ckpt_path = str(tmp_path / "missing")

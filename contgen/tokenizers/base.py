@@ -9,7 +9,8 @@ mean||logvar and samples per step, reference/mar.md §4).
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from contgen.nn.frozen import FrozenImageModule
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -37,39 +38,15 @@ def unpatchify(tokens: torch.Tensor, p: int, grid: tuple[int, int]) -> torch.Ten
     return x.reshape(b, c, h * p, w * p)
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(FrozenImageModule):
     """Frozen image <-> token map: ``moments`` → ``sample`` = ``encode``, and ``decode``.
 
     Subclasses set ``image_size``, ``channels``, ``token_dim`` (D), ``grid`` (h, w), ``moment_dim`` (M),
     implement ``moments``/``sample``/``decode`` and call :meth:`freeze` at the end of ``__init__``.
-    The module always stays in eval mode: a Lightning ``model.train()`` must not flip it to training.
     """
 
-    image_size: int
-    channels: int
     token_dim: int
-    grid: tuple[int, int]
     moment_dim: int
-
-    @property
-    def seq_len(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    def freeze(self) -> None:
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "Tokenizer":
-        return super().train(False)
-
-    def check_images(self, img: torch.Tensor) -> None:
-        """Shape check on python ints only (no host sync)."""
-        want = (self.channels, self.image_size, self.image_size)
-        if img.ndim != 4 or tuple(img.shape[1:]) != want:
-            raise ValueError(
-                f"tokenizer: expected images (B, {want[0]}, {want[1]}, {want[2]}) (tokenizer.image_size="
-                f"{self.image_size}), got {tuple(img.shape)}"
-            )
 
     def moments(self, img: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -17,6 +17,7 @@ def online_steps(run) -> dict[int, float]:
         return {int(r["step"]): float(r["online/fd_builtin"]) for r in csv.DictReader(f) if r.get("online/fd_builtin")}
 
 
+@pytest.mark.slow  # ~15 s: keeps make test under ~10 min (CI runs the slow tier too)
 def test_online_fid_is_logged_every_n_steps(tmp_path, cache_dir):
     run = tmp_path / "run"
     run_script("train.py", *TINY, *ONLINE, "threads=1", f"hydra.run.dir={run}", env={"CONTGEN_CACHE": cache_dir})

@@ -92,6 +92,7 @@ def _draw(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~15 s: keeps make test under ~10 min (CI runs the slow tier too)
 def test_sharded_sampling_gives_the_images_of_one_process(tmp_path, one_thread):
     """10 images in chunks of 3 (the last one short): three gloo processes draw chunks {0, 3}, {1} and {2}, rank 0
     gathers them; the set is bit-identical (fp32, one thread) to the one drawn by a single process. Every rank makes

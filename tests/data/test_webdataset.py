@@ -154,6 +154,7 @@ def test_resume_skips_the_consumed_batches_and_uneven_shards_stay_in_lockstep(sh
         stream(out, batch_size=64).worker_batches(0)
 
 
+@pytest.mark.slow  # ~15 s: keeps make test under ~10 min (CI runs the slow tier too)
 def test_train_on_shards_end_to_end(tmp_path):
     shards = tmp_path / "shards"
     run_script("pack_shards.py", "data=shapes", "data.image_size=16", "data.train.num_samples=64", "maxcount=16",

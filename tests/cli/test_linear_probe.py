@@ -89,6 +89,37 @@ def test_errors_before_compute(tmp_path):
         probe_layers([0, 5], 4)
 
 
+def test_config_composes_with_and_without_data(tmp_path):
+    """``data`` is optional: ``data=<group>`` picks the data set, none = the checkpoint's."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    from tests.helpers import ROOT
+
+    try:
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            bare = compose("linear_probe.yaml", overrides=["ckpt=x.ckpt", "paths.output_dir=."])
+            assert bare.get("data") is None and bare.layers is None and bare.baseline and bare.probe.max_iter == 200
+            cfg = compose("linear_probe.yaml", overrides=["ckpt=x.ckpt", "data=digits", "paths.output_dir=."])
+            assert cfg.data.train._target_ == "contgen.data.digits.Digits" and cfg.data.train.seed == cfg.seed
+            with pytest.raises(MissingConfigException):
+                compose("linear_probe.yaml", overrides=["ckpt=x.ckpt", "data=nope"])
+            from contgen.cli.linear_probe import datasets
+
+            train, val, _ = datasets(cfg, {})  # each image once: no `repeat` (data=digits has 4)
+            assert len(train) + len(val) == 1797 and train.repeat == 1 and 150 < len(val) < 200  # sklearn: 1797 digits
+            cfg.train_samples, cfg.val_samples = 100, 50  # no num_samples argument: a seeded random subset
+            train, val, _ = datasets(cfg, {})
+            assert len(train) == 100 and len(val) == 50 and train.num_classes == 10
+            shapes = compose("linear_probe.yaml", overrides=["ckpt=x.ckpt", "data=shapes", "train_samples=24",
+                                                             "paths.output_dir=."])
+            train, val, _ = datasets(shapes, {})  # sized by num_samples; the fresh-each-epoch stream is off
+            assert len(train) == 24 and not train.fresh_each_epoch and len(val) == 12800
+    finally:
+        GlobalHydra.instance().clear()
+
+
 @pytest.mark.slow
 def test_linear_probe_py_on_a_tiny_stage1_gpt(tmp_path):
     """train.py trains a tiny causal GPT (pixel patches, diffusion head: continuous GPT inputs) for 30 steps;

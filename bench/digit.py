@@ -140,7 +140,6 @@ def bench_kmeans(sz: dict, args, device: torch.device, timer: Timer) -> list[dic
     mean = sum(times) / len(times)
     arow = {"case": "kmeans_assign", "points": n, "k": k, "dim": dim, "assign_s": round(mean, 4),
             "points_per_s": round(n / mean), "fp32_tflops": sig(2 * n * k * dim / mean / 1e12), "n": len(times)}
-    del x
     return [row, arow]
 
 

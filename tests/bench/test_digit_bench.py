@@ -1,17 +1,20 @@
 """bench/digit.py (issue 11) at --small sizes on the CPU: every case runs, the JSON lines carry their keys, and the
 uncached sampling loop draws the same tokens as CausalARSampler (KV cache) at fp32."""
 
+import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import ROOT, run_script
 
-sys.path.insert(0, str(ROOT / "bench"))
-import digit  # noqa: E402
+# loaded under its own name: a root-level digit.py (the DiGIT entry point) may already be `digit` in sys.modules
+sys.path.insert(0, str(ROOT / "bench"))  # for its `from timing import Timer`
+_spec = importlib.util.spec_from_file_location("bench_digit", ROOT / "bench" / "digit.py")
+digit = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(digit)
 
 KEYS = {
     "kmeans_fit": {"points", "k", "dim", "iters", "iter_s", "init_s", "points_iter_per_s", "fp32_tflops"},

@@ -17,6 +17,9 @@ so any head (``categorical`` for ids; ``diffusion``, ``energy``, ``flow``... for
 ``head.loss(tokens[rows], z[rows])`` over all rows. Tokens are discrete ids (B, L) int64 when ``vocab_size`` is set
 (a discrete tokenizer: an embedding table), or continuous (B, L, token_dim) (a linear input projection).
 
+With ``prefix_len`` P > 0 (DiGIT's AR pixel decoder, ``prefix.py``) the sequence is ``[P condition ids | start |
+tokens]``, causal over all of it as DiGIT's prefix-LM, and ``labels`` are the (B, P) condition ids.
+
 Sampling (``contgen/samplers/causal.py``) decodes one slot per step with :meth:`decode` into a key/value cache
 preallocated by :meth:`new_cache` (fixed shapes; the slot index is a device tensor, so the step can be compiled
 or captured).
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from contgen.backbones.prefix import check_prefix
 from contgen.nn import Block
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -44,13 +48,16 @@ class GPTBackbone(nn.Module):
 
     causal = True
     embeds_ids = True  # takes a discrete tokenizer's ids (vocab_size)
+    takes_prefix = True  # prefix_len condition ids before the start slot (DiGIT stage 2, prefix.py)
 
     def __init__(self, seq_len: int, num_classes: int, embed_dim: int, depth: int, num_heads: int,
                  token_dim: int | None = None, vocab_size: int | None = None, mlp_ratio: float = 4.0,
                  norm_first: bool = False, dropout: float = 0.1, attn_dropout: float = 0.0, act_dropout: float = 0.0,
                  norm_eps: float = 1e-5, scale_embedding: bool = True, label_drop_prob: float = 0.0,
-                 order: list[int] | None = None, grad_checkpointing: bool = False):
+                 order: list[int] | None = None, prefix_len: int = 0, prefix_vocab: int | None = None,
+                 grad_checkpointing: bool = False):
         super().__init__()
+        check_prefix(prefix_len, prefix_vocab, label_drop_prob)
         if (token_dim is None) == (vocab_size is None):
             raise ValueError("GPTBackbone needs exactly one of token_dim (continuous tokens) and vocab_size (ids of a "
                              f"discrete tokenizer), got token_dim={token_dim}, vocab_size={vocab_size}")
@@ -67,6 +74,7 @@ class GPTBackbone(nn.Module):
                              f"grid), or null for raster order; got {len(order)} entries")
         self.seq_len, self.token_dim, self.vocab_size, self.num_classes = seq_len, token_dim, vocab_size, num_classes
         self.cond_dim, self.label_drop_prob, self.grad_checkpointing = embed_dim, label_drop_prob, grad_checkpointing
+        self.prefix_len = prefix_len  # P condition ids before the start slot (DiGIT stage 2, prefix.py); 0 = a class
         self.embed_scale = math.sqrt(embed_dim) if scale_embedding else 1.0  # fairseq embed_scale
         # the buffers follow model.order, not a checkpoint (the stored config holds the order)
         self.register_buffer("order", torch.tensor(order), persistent=False)  # step -> image position
@@ -74,7 +82,8 @@ class GPTBackbone(nn.Module):
 
         self.token_emb = nn.Embedding(vocab_size, embed_dim) if vocab_size else nn.Linear(token_dim, embed_dim)
         self.class_emb = nn.Embedding(num_classes + 1, embed_dim)  # + the null class
-        self.pos_emb = nn.Parameter(torch.zeros(seq_len, embed_dim))
+        self.prefix_emb = nn.Embedding(prefix_vocab, embed_dim) if prefix_len else None
+        self.pos_emb = nn.Parameter(torch.zeros(prefix_len + seq_len, embed_dim))  # [prefix | start, tokens]
         self.embed_drop = nn.Dropout(dropout)
         self.decoder_blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, attn_drop=attn_dropout, proj_drop=dropout,
@@ -88,7 +97,9 @@ class GPTBackbone(nn.Module):
         v each with gain 1/√2, which is the plain xavier bound of the fused (3d, d) qkv matrix); FFN and the
         continuous input projection keep PyTorch's default ``nn.Linear`` init."""
         std = self.cond_dim ** -0.5
-        for p in (self.class_emb.weight, self.pos_emb) + ((self.token_emb.weight,) if self.vocab_size else ()):
+        tables = [self.class_emb.weight, self.pos_emb] + [m.weight for m in (self.token_emb, self.prefix_emb)
+                                                            if isinstance(m, nn.Embedding)]
+        for p in tables:
             nn.init.normal_(p, std=std)
         for block in self.decoder_blocks:
             nn.init.xavier_uniform_(block.attn.qkv.weight)
@@ -109,12 +120,19 @@ class GPTBackbone(nn.Module):
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_scale * self.token_emb(tokens)
 
-    def class_tokens(self, labels: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
-        """(B, d) class embeddings (a row of the token table in DiGIT, hence scaled alike), the null class where
-        ``drop``."""
+    def condition(self, labels: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        """The slots before the first token, (B, P + 1, d) unpositioned: the class embedding (a row of the token table
+        in DiGIT, hence scaled alike; the null class where ``drop``); with a prefix, ``labels`` are the (B, P) condition
+        ids and the start slot is the one class (DiGIT stage 2's EOS)."""
+        if self.prefix_len:
+            if labels.shape[1:] != (self.prefix_len,) or labels.dtype.is_floating_point:
+                raise ValueError(f"GPT with a prefix expects condition ids (B, {self.prefix_len}) int64 (the semantic "
+                                 f"tokens), got {tuple(labels.shape)} {labels.dtype}")
+            start = self.class_emb.weight[:1].expand(labels.shape[0], 1, -1)
+            return self.embed_scale * torch.cat([self.prefix_emb(labels), start], dim=1)
         if drop is not None:
             labels = labels.masked_fill(drop, self.num_classes)
-        return self.embed_scale * self.class_emb(labels)
+        return self.embed_scale * self.class_emb(labels)[:, None]
 
     def to_positions(self, seq: torch.Tensor) -> torch.Tensor:
         """(B, L, ...) in step order -> image position order."""
@@ -125,14 +143,14 @@ class GPTBackbone(nn.Module):
         """tokens (B, L) ids or (B, L, D), labels (B,), drop (B,) bool -> z (B, L, cond_dim) in position order."""
         self.check_tokens(tokens)
         prev = self.embed_tokens(tokens.index_select(1, self.order[:-1]))  # inputs of slots 1..L-1
-        x = torch.cat([self.class_tokens(labels, drop).to(prev.dtype)[:, None], prev], dim=1) + self.pos_emb
+        x = torch.cat([self.condition(labels, drop).to(prev.dtype), prev], dim=1) + self.pos_emb
         x = self.embed_drop(x)
         for block in self.decoder_blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, True, use_reentrant=False)
             else:
                 x = block(x, causal=True)
-        return self.to_positions(self.norm(x))
+        return self.to_positions(self.norm(x[:, self.prefix_len:]))
 
     # --- cached decoding --------------------------------------------------------------------------
     def new_cache(self, batch: int, device: torch.device) -> KVCache:
@@ -142,7 +160,7 @@ class GPTBackbone(nn.Module):
         device = torch.device(device)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.pos_emb.dtype
         heads = self.decoder_blocks[0].attn.num_heads
-        shape = (batch, heads, self.seq_len, self.cond_dim // heads)
+        shape = (batch, heads, self.prefix_len + self.seq_len, self.cond_dim // heads)
         return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                 for _ in self.decoder_blocks]
 
@@ -151,10 +169,14 @@ class GPTBackbone(nn.Module):
         """z (B, cond_dim) of step ``slot`` ((1,) int64 on the device), filling ``cache`` at that slot.
 
         ``prev`` is the token generated at the step before ((B,) ids or (B, D)); None at slot 0, whose input is
-        the class. Equal to ``forward``'s row for position ``order[slot]`` given the same earlier tokens.
+        the class (with a prefix: the prefix and the start slot, written to the cache in one pass). Equal to
+        ``forward``'s row for position ``order[slot]`` given the same earlier tokens.
         """
-        x = self.class_tokens(labels, drop) if prev is None else self.embed_tokens(prev)
-        x = self.embed_drop(x[:, None] + self.pos_emb.index_select(0, slot))
+        if prev is None:
+            x, pos = self.condition(labels, drop), torch.arange(self.prefix_len + 1, device=slot.device)
+        else:
+            x, pos = self.embed_tokens(prev)[:, None], slot + self.prefix_len
+        x = self.embed_drop(x + self.pos_emb.index_select(0, pos))
         for block, kv in zip(self.decoder_blocks, cache):
-            x = block(x, cache=kv, pos=slot)
-        return self.norm(x)[:, 0]
+            x = block(x, cache=kv, pos=pos)
+        return self.norm(x)[:, -1]

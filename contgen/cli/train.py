@@ -19,7 +19,6 @@ from contgen.cli import console, slurm, sweep
 from contgen.cli.checkpoint_io import AtomicCheckpointIO, load_checkpoint, resolve_ckpt_path
 from contgen.cli.config import instantiate_group, print_config
 from contgen.cli.run_dir import claim_run_dir
-from contgen.modules.base import require_pixels
 
 RESUME_MODES = ("exact", "new_stage")
 
@@ -69,7 +68,7 @@ def check_pixels(cfg: DictConfig, module) -> None:
                                  ("callbacks.sample_grid=null", callbacks.get("sample_grid") is not None),
                                  ("callbacks.online_fid.every_n_steps=0", online_fid.get("every_n_steps"))) if on]
     if wants:
-        require_pixels(module.tokenizer, f"train without sampling images: {' '.join(wants)}")
+        module.require_pixels(f"train without sampling images: {' '.join(wants)}")
 
 
 def plan_batch(cfg: DictConfig) -> None:

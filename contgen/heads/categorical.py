@@ -70,18 +70,31 @@ class CategoricalHead(nn.Module):
         self.last_metrics = {"nll": (nll.mean() if w is None else (nll * w).sum()).detach()}
         return rows.mean() if w is None else (rows * w).sum()
 
-    @torch.no_grad()
-    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """One id per row. With ``cfg``, ``z`` = [z_cond; z_uncond] (2N rows) and the logits are guided."""
+    def guided_logits(self, z: torch.Tensor, cfg: float | None = None) -> torch.Tensor:
+        """fp32 logits (N, V); with ``cfg``, ``z`` = [z_cond; z_uncond] (2N rows) and the logits are guided."""
         logits = self.net(z).float()
         if cfg is not None:
             if z.shape[0] % 2:
                 raise ValueError(f"head.sample: with cfg, z must be [z_cond; z_uncond], got {z.shape[0]} rows")
             cond, uncond = logits.chunk(2)
             logits = uncond + cfg * (cond - uncond)
+        return logits
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """One id per row (with ``cfg``: see :meth:`guided_logits`)."""
+        logits = self.guided_logits(z, cfg)
         if temperature == 0:
             return logits.argmax(-1)
-        logits = filter_logits(logits / temperature, self.top_k, self.top_p)
-        u = torch.rand(logits.shape, generator=generator, device=logits.device)
-        return (logits - (-u.log()).log()).argmax(-1)  # Gumbel-max: an exact draw from softmax(logits)
+        return gumbel_argmax(filter_logits(logits / temperature, self.top_k, self.top_p), generator)
+
+
+def gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log u) from the generator."""
+    return -(-torch.rand(shape, generator=generator, device=device).log()).log()
+
+
+def gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel-max: an exact draw from softmax(logits) per row, with no host sync (unlike ``multinomial``)."""
+    return (logits + gumbel(logits.shape, generator, logits.device)).argmax(-1)

@@ -30,14 +30,6 @@ OPTIMIZERS = ("adamw", "radam")  # MAR/EAR/UCGM multi-step: AdamW; UCGM few-step
 _DEVICE_STREAM, _HOST_STREAM = 0, 1
 
 
-def require_pixels(tokenizer: nn.Module, fix: str) -> None:
-    """Refuse, before any compute, to sample pixels through a tokenizer that has no ``decode`` (``decodes`` False):
-    a discriminative tokenizer's ids (DiGIT, reference/digit.md §3) are rendered by a second model."""
-    if not getattr(tokenizer, "decodes", True):
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} does not decode token ids to pixels (a discriminative "
-                         f"tokenizer: pixels come from a second model, DiGIT's stage 2 pixel decoder); {fix}")
-
-
 def check_optim(optim: dict) -> dict:
     unknown, missing = set(optim) - OPTIM_KEYS, OPTIM_KEYS - set(optim)
     if unknown or missing:
@@ -98,6 +90,14 @@ class GenerativeModule(L.LightningModule):
 
     def check_sampler(self, sampler) -> None:
         """Refuse a sampler this module cannot run (settings the sampler cannot check alone), before any compute."""
+
+    def require_pixels(self, fix: str) -> None:
+        """Refuse, before any compute, to sample pixels through a tokenizer that has no ``decode`` (``decodes`` False):
+        a discriminative tokenizer's ids (DiGIT, reference/digit.md §3) are rendered by a second model."""
+        if not getattr(self.tokenizer, "decodes", True):
+            raise ValueError(f"tokenizer {type(self.tokenizer).__name__} does not decode token ids to pixels (a "
+                             "discriminative tokenizer: pixels come from a second model, DiGIT's stage 2 pixel "
+                             f"decoder); {fix}")
 
     # --- randomness -------------------------------------------------------------------------------
     def step_generators(self, batch_idx: int) -> tuple[torch.Generator, torch.Generator]:
@@ -201,15 +201,19 @@ class GenerativeModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, generator: torch.Generator | None = None, use_ema: bool = True,
                  sampler=None) -> torch.Tensor:
-        """Images in [-1, 1] (fp32) for ``labels``, from the EMA weights by default, sampled and decoded under
-        ``sample_precision`` (as the references decode inside their autocast, engine_mar.py:155-159)."""
-        require_pixels(self.tokenizer, "this model samples token ids only")
+        """Images in [-1, 1] (fp32) for ``labels``, from the EMA weights by default."""
+        self.require_pixels("this model samples token ids only")
+        return self.decode_images(lambda: self.generate_tokens(labels, generator, use_ema, sampler), use_ema)
+
+    def decode_images(self, sample_tokens, use_ema: bool) -> torch.Tensor:
+        """``sample_tokens()`` decoded to images in [-1, 1] (fp32), sampled and decoded under ``sample_precision`` with
+        the sampling net in eval mode (as the references decode inside their autocast, engine_mar.py:155-159)."""
         net = self.sampling_net(use_ema)
         was_training = net.training
         net.eval()
         try:
             with sampling_autocast(self.sample_precision, self.device):
-                images = self.tokenizer.decode(self.generate_tokens(labels, generator, use_ema, sampler))
+                images = self.tokenizer.decode(sample_tokens())
         finally:
             net.train(was_training)
         return images.float().clamp(-1, 1)

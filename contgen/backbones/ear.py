@@ -3,7 +3,8 @@
 Unlike MAR there is no sparse encoder: one ViT of MAR's encoder + decoder depth runs on the buffer
 plus all ``seq_len`` positions, with ``mask_token`` at the masked ones. The reference's
 drop-and-repad equals ``torch.where(mask, mask_token, z_proj(x))``. Masked inputs are zeroed before
-``z_proj`` so that garbage there (even NaN/inf) cannot reach the output or the gradients.
+``z_proj`` so that garbage there (even NaN/inf) cannot reach the output or the gradients; with ``vocab_size``
+(tokens are ids (B, L), ``z_proj`` an embedding) masked ids are set to 0 first (any id, even out of range, is safe).
 Dropped from MAR: ``z_proj_ln``, the encoder position embedding, ``decoder_embed`` and
 ``diffusion_pos_embed_learned``; the kept parameters carry the reference's ``decoder_*`` names.
 """
@@ -28,12 +29,14 @@ SIZES = {
 class EARBackbone(MaskedTokenBackbone):
     """z = ViT(buffer ⊕ [mask_token | z_proj(token)] + pos)[buffer:]; ``cond_dim`` = ``embed_dim``."""
 
-    def __init__(self, seq_len: int, token_dim: int, num_classes: int, embed_dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, buffer_size: int = 64, label_drop_prob: float = 0.1,
-                 attn_dropout: float = 0.1, proj_dropout: float = 0.1, grad_checkpointing: bool = False):
-        super().__init__(seq_len, token_dim, num_classes, embed_dim, buffer_size, label_drop_prob, grad_checkpointing)
+    def __init__(self, seq_len: int, token_dim: int | None, num_classes: int, embed_dim: int, depth: int,
+                 num_heads: int, mlp_ratio: float = 4.0, buffer_size: int = 64, label_drop_prob: float = 0.1,
+                 attn_dropout: float = 0.1, proj_dropout: float = 0.1, grad_checkpointing: bool = False,
+                 vocab_size: int | None = None):
+        super().__init__(seq_len, token_dim, num_classes, embed_dim, buffer_size, label_drop_prob, grad_checkpointing,
+                         vocab_size)
         self.cond_dim = embed_dim
-        self.z_proj = nn.Linear(token_dim, embed_dim)
+        self.z_proj = self.input_proj(embed_dim)  # Linear(token_dim, ·) or Embedding(vocab_size, ·)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len + buffer_size, embed_dim))
         self.decoder_blocks = nn.ModuleList([
@@ -45,10 +48,12 @@ class EARBackbone(MaskedTokenBackbone):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, num_masked: int,
                 drop: torch.Tensor | None = None) -> torch.Tensor:
         self.check_inputs(tokens, order, num_masked)
-        mask = mask_from_order(order, num_masked)[..., None]  # (B, L, 1), True = masked
-        x = self.z_proj(tokens.masked_fill(mask, 0.0))
-        x = torch.where(mask, self.mask_token.to(x.dtype), x)
-        cls = self.class_tokens(labels, drop).to(x.dtype)[:, None].expand(-1, self.buffer_size, -1)
-        x = torch.cat([cls, x], dim=1) + self.decoder_pos_embed_learned
+        mask = mask_from_order(order, num_masked)  # (B, L), True = masked
+        if self.vocab_size:  # ids: masked ones become id 0 (any valid id; replaced by mask_token below)
+            x = self.z_proj(tokens.masked_fill(mask, 0))
+        else:
+            x = self.z_proj(tokens.masked_fill(mask[..., None], 0.0))
+        x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.condition_tokens(labels, drop).to(x.dtype), x], dim=1) + self.decoder_pos_embed_learned
         x = self.decoder_norm(self.run_blocks(self.decoder_blocks, x))
         return x[:, self.buffer_size:]

@@ -5,6 +5,8 @@ The encoder sees only the buffer and the visible tokens; the decoder sees the fu
 one mask ratio per batch), so the visible set is ``order[:, num_masked:]``, gathered with a static
 shape instead of the reference's ``nonzero`` (no host sync, compiles). The visible indices are sorted
 so the encoder sees them in the reference's (positional) order. The buffer slots are never masked.
+Tokens are (B, L, token_dim) or, with ``vocab_size``, ids (B, L) (``z_proj`` an embedding; MAR Table 1's
+cross-entropy cells). Only visible tokens are read, so a masked position's value cannot reach z.
 """
 
 from __future__ import annotations
@@ -34,15 +36,16 @@ def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float, attn_drop: float
 class MARBackbone(MaskedTokenBackbone):
     """z = decoder(encoder(buffer ⊕ visible tokens) scattered into mask tokens); ``cond_dim`` = decoder width."""
 
-    def __init__(self, seq_len: int, token_dim: int, num_classes: int, encoder_embed_dim: int, encoder_depth: int,
-                 encoder_num_heads: int, decoder_embed_dim: int, decoder_depth: int, decoder_num_heads: int,
-                 mlp_ratio: float = 4.0, buffer_size: int = 64, label_drop_prob: float = 0.1,
-                 attn_dropout: float = 0.1, proj_dropout: float = 0.1, grad_checkpointing: bool = False):
+    def __init__(self, seq_len: int, token_dim: int | None, num_classes: int, encoder_embed_dim: int,
+                 encoder_depth: int, encoder_num_heads: int, decoder_embed_dim: int, decoder_depth: int,
+                 decoder_num_heads: int, mlp_ratio: float = 4.0, buffer_size: int = 64, label_drop_prob: float = 0.1,
+                 attn_dropout: float = 0.1, proj_dropout: float = 0.1, grad_checkpointing: bool = False,
+                 vocab_size: int | None = None):
         super().__init__(seq_len, token_dim, num_classes, encoder_embed_dim, buffer_size, label_drop_prob,
-                         grad_checkpointing)
+                         grad_checkpointing, vocab_size)
         self.cond_dim = decoder_embed_dim
         n = seq_len + buffer_size
-        self.z_proj = nn.Linear(token_dim, encoder_embed_dim)
+        self.z_proj = self.input_proj(encoder_embed_dim)  # Linear(token_dim, ·) or Embedding(vocab_size, ·)
         self.z_proj_ln = nn.LayerNorm(encoder_embed_dim, eps=1e-6)
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n, encoder_embed_dim))
         self.encoder_blocks = _blocks(encoder_embed_dim, encoder_depth, encoder_num_heads, mlp_ratio,
@@ -64,10 +67,11 @@ class MARBackbone(MaskedTokenBackbone):
         visible = order[:, num_masked:].sort(dim=1).values  # (B, V) image positions, V = L - num_masked
 
         # encoder: buffer (class token) ⊕ visible tokens, each with its position embedding
-        x = self.z_proj(torch.gather(tokens, 1, visible[..., None].expand(-1, -1, self.token_dim)))
+        index = visible if self.vocab_size else visible[..., None].expand(-1, -1, self.token_dim)
+        x = self.z_proj(torch.gather(tokens, 1, index))
         pos = self.encoder_pos_embed_learned[0]
-        cls = self.class_tokens(labels, drop).to(x.dtype)[:, None].expand(b, buf, -1)
-        x = torch.cat([cls + pos[:buf], x + pos[buf:][visible]], dim=1)
+        cond = self.condition_tokens(labels, drop).to(x.dtype)
+        x = torch.cat([cond + pos[:buf], x + pos[buf:][visible]], dim=1)
         x = self.encoder_norm(self.run_blocks(self.encoder_blocks, self.z_proj_ln(x)))
 
         # decoder: full sequence, mask_token where nothing was encoded

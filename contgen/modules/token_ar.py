@@ -19,7 +19,7 @@ from torch import nn
 
 from contgen.modules.base import GenerativeModule
 from contgen.samplers.masked import MaskedARSampler, gather_rows
-from contgen.samplers.schedules import MaskRatio, cosine_mask_schedule, random_orders
+from contgen.samplers.schedules import cosine_mask_schedule, make_mask_ratio, random_orders
 from contgen.utils.reference_ckpt import load_reference_mar, reference_num_classes
 
 
@@ -28,13 +28,14 @@ class TokenARModule(GenerativeModule):
 
     def __init__(self, tokenizer: nn.Module, backbone: Callable[..., nn.Module], head: Callable[..., nn.Module],
                  sampler: MaskedARSampler, num_classes: int, optim: dict, mask_ratio_min: float = 0.7,
-                 seed: int = 0, compile: bool = False, sample_precision: str = "auto", config: dict | None = None):
+                 mask_ratio: str = "truncnorm", seed: int = 0, compile: bool = False, sample_precision: str = "auto",
+                 config: dict | None = None):
         super().__init__(tokenizer, num_classes, optim, seed, sample_precision, config)
+        self.mask_ratio = make_mask_ratio(mask_ratio, low=mask_ratio_min)  # checked before anything is built
         self.net = self.build_net(tokenizer, backbone, head, num_classes)
         self.setup_training()
         self.sampler = sampler
         self.check_sampler(sampler)  # before training
-        self.mask_ratio = MaskRatio(low=mask_ratio_min)
         if compile:
             # Only what has static shapes: the blocks over the full sequence (MAR's decoder, EAR's stack; L + buffer
             # tokens) and the head MLP (rows vary with the mask ratio: dynamic). MAR's encoder sees L − num_masked
@@ -46,18 +47,19 @@ class TokenARModule(GenerativeModule):
     def build_net(self, tokenizer: nn.Module, backbone: Callable[..., nn.Module], head: Callable[..., nn.Module],
                   num_classes: int) -> nn.ModuleDict:
         """Backbone and head sized by the tokenizer. A discrete tokenizer (``vocab_size`` set; tokens are (B, L) int64
-        ids) gives both ``vocab_size``: the backbone embeds ids, the head models ids (``loss=categorical``); a
-        continuous one gives them ``token_dim``."""
+        ids) gives both ``vocab_size`` (and the backbone ``token_dim=None``): the backbone embeds ids, the head models
+        ids (``loss=categorical``); a continuous one gives them ``token_dim``."""
         vocab = getattr(tokenizer, "vocab_size", None)
         spec = {"vocab_size": vocab} if vocab else {"token_dim": tokenizer.token_dim}
+        bb_spec = {"token_dim": None, **spec} if vocab else spec
         kind = "discrete" if vocab else "continuous"
         if vocab and not getattr(getattr(backbone, "func", backbone), "embeds_ids", False):
             raise ValueError(f"tokenizer {type(tokenizer).__name__} is discrete (vocab_size={vocab}): the backbone "
-                             "must embed ids (model=gpt_*)")
+                             "must embed ids (model=gpt_*, mar_*, ear_*)")
         if bool(vocab) != getattr(getattr(head, "func", head), "discrete", False):
             raise ValueError(f"tokenizer {type(tokenizer).__name__} gives {kind} tokens: use "
                              f"{'loss=categorical' if vocab else 'a continuous head (loss=diffusion, energy, ...)'}")
-        bb = backbone(seq_len=tokenizer.seq_len, num_classes=num_classes, **spec)
+        bb = backbone(seq_len=tokenizer.seq_len, num_classes=num_classes, **bb_spec)
         causal = getattr(bb, "causal", False)
         if causal != self.causal:
             raise ValueError(f"model {type(bb).__name__} is {'causal' if causal else 'masked'}: use "
@@ -98,8 +100,9 @@ class TokenARModule(GenerativeModule):
 
     # --- training ---------------------------------------------------------------------------------
     def masked_loss(self, tokens: torch.Tensor, labels: torch.Tensor, g: torch.Generator, g_cpu: torch.Generator):
+        """The head's loss on the masked rows; ``tokens`` (B, L, D) or ids (B, L) (gathered to (N,) for the head)."""
         backbone, head = self.net.backbone, self.net.head
-        b, seq_len, _ = tokens.shape
+        b, seq_len = tokens.shape[:2]
         num_masked = self.mask_ratio.num_masked(seq_len, g_cpu)
         order = random_orders(b, seq_len, g, tokens.device)
         drop = torch.rand(b, generator=g, device=tokens.device) < backbone.label_drop_prob

@@ -42,6 +42,37 @@ class MaskRatio:
         return max(1, min(seq_len, math.ceil(seq_len * float(self.dist.ppf(u)))))
 
 
+class CosineMaskCount:
+    """MaskGIT's training mask count (DiGIT's NAR pixel decoder; DiGIT cd6d8ca
+    ``fairseq_user/image_generation_stage2/model_nar.py:276-294``): u ~ U(0, 1), and
+
+        num_masked = floor(L · cos(u · π/2) + 1), at most L,
+
+    so P(num_masked >= k) = (2/π) · arccos((k − 1)/L) for k = 1..L: every count from 1 to L is possible, small ones
+    less often (mean ≈ 2L/π + ½). Same interface as :class:`MaskRatio` (``module.mask_ratio: cosine``).
+
+    Documented deviation: DiGIT draws u per sample (each row of a batch masks its own count); contgen draws ONE
+    count per batch on the host CPU generator, like MAR's :class:`MaskRatio`, so every gather has a static shape.
+    """
+
+    def num_masked(self, seq_len: int, generator: torch.Generator | None = None) -> int:
+        u = torch.rand((), generator=generator).item()  # CPU generator: no device sync
+        return min(seq_len, math.floor(seq_len * math.cos(u * math.pi / 2) + 1))
+
+
+MASK_RATIOS = {"truncnorm": MaskRatio, "cosine": CosineMaskCount}
+
+
+def make_mask_ratio(name: str, low: float = 0.7) -> MaskRatio | CosineMaskCount:
+    """``module.mask_ratio``: ``truncnorm`` (MAR: truncated normal on [``mask_ratio_min``, 1]) or ``cosine``
+    (MaskGIT / DiGIT; ``mask_ratio_min`` unused)."""
+    if name == "truncnorm":
+        return MaskRatio(low=low)
+    if name == "cosine":
+        return CosineMaskCount()
+    raise ValueError(f"module.mask_ratio must be one of {sorted(MASK_RATIOS)}, got {name!r}")
+
+
 def cosine_mask_schedule(seq_len: int, num_iter: int) -> list[int]:
     """Number of tokens still masked *after* each of ``num_iter`` steps (MaskGIT cosine; mar.py:292-305).
 

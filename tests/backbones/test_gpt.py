@@ -200,8 +200,14 @@ def test_mismatched_pieces_are_clear_errors():
                             decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2, buffer_size=1)
     with pytest.raises(ValueError, match="module=token_ar"):
         make(PatchTokenizer(16, 4), mar, HEADS["diffusion"], CausalARSampler())
-    with pytest.raises(ValueError, match="must embed ids"):
+    with pytest.raises(ValueError, match="module=token_ar"):  # MAR embeds ids too (MAR Table 1), but is masked
         make(LevelTokenizer(16, 4), mar, CategoricalHead, CausalARSampler())
+
+    class NoIds(torch.nn.Module):  # a backbone without embeds_ids: continuous tokens only
+        pass
+
+    with pytest.raises(ValueError, match="must embed ids"):
+        make(LevelTokenizer(16, 4), NoIds, CategoricalHead, CausalARSampler())
     with pytest.raises(ValueError, match="module=causal_ar"):
         TokenARModule(PatchTokenizer(16, 4), GPT_SMALL, HEADS["diffusion"], MaskedARSampler(num_iter=4),
                       num_classes=4, optim=train_optim())

@@ -259,3 +259,55 @@ def test_every_script_the_makefile_runs_exists():
     root = Path(__file__).resolve().parents[2]
     scripts = re.findall(r"\$\(PY\) ([\w/]+\.py)", (root / "Makefile").read_text())
     assert "bench/mar_ear.py" in scripts and all((root / s).is_file() for s in scripts), scripts
+
+
+TABLE1_CELLS = [f"{order}_{loss}" for order in ("causal_raster", "bidir_random") for loss in ("ce", "diff")]
+
+
+@pytest.mark.parametrize("cell", TABLE1_CELLS)
+def test_mar_table1_presets(cell):
+    """MAR Table 1's four cells (experiment=mar_table1_*): MAR-L-sized backbones, one recipe, the cell's order and
+    loss/tokenizer; every cell's network builds (on the meta device) from its tokenizer's ids or tokens."""
+    name = f"mar_table1_{cell}_{'vq' if cell.endswith('ce') else 'kl'}"
+    cfg = compose_train(f"experiment={name}")
+    causal = cell.startswith("causal")
+    assert cfg.model._target_.endswith("GPTBackbone" if causal else "MARBackbone"), name
+    assert cfg.module._target_.endswith("CausalARModule" if causal else "TokenARModule"), name
+    assert cfg.sampler._target_.endswith("CausalARSampler" if causal else "MaskedARSampler"), name
+    ce = cell.endswith("ce")
+    assert cfg.loss._target_.endswith("CategoricalHead" if ce else "DiffusionHead"), name
+    assert cfg.tokenizer._target_.endswith("VQGANTokenizer" if ce else "KLTokenizer"), name
+    depth = cfg.model.depth if causal else cfg.model.encoder_depth + cfg.model.decoder_depth
+    width = cfg.model.embed_dim if causal else cfg.model.encoder_embed_dim
+    assert (depth, width, cfg.trainer.max_epochs, cfg.sampler.cfg) == (32, 1024, 400, 1.0), name
+    assert cfg.optim.ema_decay == 0.9999 and cfg.optim.warmup_epochs == 100 and recipe_batch(cfg) == 2048, name
+    if not ce:
+        assert (cfg.loss.width, cfg.loss.depth, cfg.loss.batch_mul) == (1024, 3, 4), name
+    spec = {"vocab_size": 1024} if ce else {"token_dim": 16}
+    with torch.device("meta"):
+        bb = instantiate(cfg.model)(seq_len=256, num_classes=1000, **({"token_dim": None} if ce else {}), **spec)
+        assert bb.cond_dim == 1024 and instantiate(cfg.loss)(cond_dim=bb.cond_dim, **spec) is not None
+
+
+@pytest.mark.parametrize("cell", ["causal_raster_ce_vq", "causal_raster_diff_patch", "bidir_random_ce_vq",
+                                  "bidir_random_diff_patch"])
+def test_table1_builtin_presets_build(cell, tmp_path):
+    """The built-in cells: equal width and depth (MAR 2 + 2 blocks vs GPT 4, 128 wide), the same steps and sampler
+    settings; each module builds from its config (vq_small with random weights in place of tokenizer.ckpt_path)."""
+    from contgen.cli.build import build_module
+
+    cfg = compose_train(f"experiment=table1_builtin_{cell}")
+    causal = cell.startswith("causal")
+    depth = cfg.model.depth if causal else cfg.model.encoder_depth + cfg.model.decoder_depth
+    width = cfg.model.embed_dim if causal else cfg.model.encoder_embed_dim
+    assert (depth, width, cfg.trainer.max_steps, cfg.sampler.cfg, cfg.data.batch_size) == (4, 128, 400, 1.0, 128)
+    assert cfg.evaluate_after_fit and cfg.sampler.get("num_iter", 16) == 16  # one token per step in every cell
+    with open_dict(cfg):
+        del cfg["hydra"]  # from_config stores the resolved config; hydra's runtime keys exist only in a run
+        cfg.paths.output_dir = str(tmp_path)
+        if cell.endswith("vq"):
+            cfg.tokenizer.ckpt_path = None
+            cfg.tokenizer.random_init = True
+    module = build_module(cfg, num_classes=12)
+    assert type(module).causal == causal and module.net.backbone.cond_dim == 128
+    assert (module.net.backbone.vocab_size is not None) == cell.endswith("vq")

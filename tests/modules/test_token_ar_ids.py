@@ -35,7 +35,6 @@ def make(backbone="mar", tokenizer=None, head=None, **kw):
                          **kw)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["mar", "ear"])
 def test_masked_backbone_overfits_a_fixed_id_set(backbone):
     """4 fixed id sequences, one per class: the masked cross-entropy falls from ln 32 ≈ 3.47 nats to below 0.2 (each

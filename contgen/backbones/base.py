@@ -1,7 +1,8 @@
 """What the masked token-AR backbones (MAR, EAR) share: the class token, the buffer, the init.
 
 Both prepend ``buffer_size`` slots that all hold the class embedding (MAR Sec. 3.4; mar.py:176-186,
-EAR models/ear.py:167-176; :meth:`MaskedTokenBackbone.condition_tokens`). The learned null class ``fake_latent`` replaces it where ``drop`` is set:
+EAR models/ear.py:167-176; :meth:`MaskedTokenBackbone.condition_tokens`). The learned null class
+``fake_latent`` replaces it where ``drop`` is set:
 label dropout in training and the unconditional branch of classifier-free guidance. Parameter names
 are those of the reference implementations, so their released state dicts load unchanged.
 

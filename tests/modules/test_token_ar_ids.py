@@ -30,7 +30,8 @@ BACKBONES = {
 def make(backbone="mar", tokenizer=None, head=None, **kw):
     torch.manual_seed(0)
     tokenizer = tokenizer or VQSmallTokenizer(None, image_size=16, vocab_size=32, random_init=True)  # 4x4 ids
-    return TokenARModule(tokenizer, BACKBONES[backbone], head or functools.partial(CategoricalHead, label_smoothing=0.0),
+    head = head or functools.partial(CategoricalHead, label_smoothing=0.0)
+    return TokenARModule(tokenizer, BACKBONES[backbone], head,
                          MaskedARSampler(num_iter=4, cfg=1.0, temperature=0.0), num_classes=4, optim=train_optim(),
                          **kw)
 

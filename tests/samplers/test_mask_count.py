@@ -9,8 +9,9 @@ from contgen.samplers.schedules import CosineMaskCount, MaskRatio, make_mask_rat
 
 
 def cosine_pmf(seq_len: int) -> list[float]:
-    """P(n = k), k = 1..L, for n = min(L, floor(L·cos(u·π/2) + 1)), u ~ U(0, 1): n >= k iff cos(u·π/2) >= (k − 1)/L,
-    i.e. u <= (2/π)·arccos((k − 1)/L), so P(n >= k) = (2/π)·arccos((k − 1)/L) and P(n = k) is the difference."""
+    """P(n = k), k = 1..L, for n = min(L, floor(L·cos(u·π/2) + 1)), u ~ U(0, 1): n >= k iff
+    cos(u·π/2) >= (k − 1)/L, i.e. u <= (2/π)·arccos((k − 1)/L), so P(n >= k) = (2/π)·arccos((k − 1)/L) and
+    P(n = k) is the difference."""
     tail = [2 / math.pi * math.acos((k - 1) / seq_len) for k in range(1, seq_len + 2)]  # tail[L] = P(n >= L + 1) = 0
     return [tail[k] - tail[k + 1] for k in range(seq_len)]
 

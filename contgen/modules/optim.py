@@ -42,7 +42,8 @@ def param_groups(backbone: nn.Module, head: nn.Module | None, weight_decay: floa
 
 def warmup_then(step: int, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float = 0.0) -> float:
     """LR multiplier: linear warm-up from 0 over ``warmup_steps`` (per iteration, util/lr_sched.py), then
-    ``constant`` (the MAR/EAR recipe) or half-cycle ``cosine`` down to ``min_lr_ratio``."""
+    ``constant`` (the MAR/EAR recipe), half-cycle ``cosine`` down to ``min_lr_ratio``, or ``inverse_sqrt``
+    √(warmup_steps / step) (fairseq's ``inverse_sqrt``, DiGIT's recipe; fairseq warms up from 1e-7, not 0)."""
     if step < warmup_steps:
         return step / warmup_steps
     if schedule == "constant":
@@ -50,4 +51,6 @@ def warmup_then(step: int, warmup_steps: int, total_steps: int, schedule: str, m
     if schedule == "cosine":
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if schedule == "inverse_sqrt":
+        return math.sqrt(warmup_steps / step) if warmup_steps else 1.0
+    raise ValueError(f"optim.schedule must be 'constant', 'cosine' or 'inverse_sqrt', got {schedule!r}")

@@ -23,6 +23,13 @@ from contgen.samplers.schedules import cosine_mask_schedule, make_mask_ratio, ra
 from contgen.utils.reference_ckpt import load_reference_mar, reference_num_classes
 
 
+def built_class(factory: Callable[..., nn.Module]) -> type:
+    """The class a (possibly nested) partial builds: Hydra's ``_partial_`` factory, wrapped again by a module."""
+    while hasattr(factory, "func"):
+        factory = factory.func
+    return factory
+
+
 class TokenARModule(GenerativeModule):
     causal = False  # masked random order; CausalARModule (causal_ar.py): one token per step in a fixed order
 
@@ -53,10 +60,10 @@ class TokenARModule(GenerativeModule):
         spec = {"vocab_size": vocab} if vocab else {"token_dim": tokenizer.token_dim}
         bb_spec = {"token_dim": None, **spec} if vocab else spec
         kind = "discrete" if vocab else "continuous"
-        if vocab and not getattr(getattr(backbone, "func", backbone), "embeds_ids", False):
+        if vocab and not getattr(built_class(backbone), "embeds_ids", False):
             raise ValueError(f"tokenizer {type(tokenizer).__name__} is discrete (vocab_size={vocab}): the backbone "
                              "must embed ids (model=gpt_*, mar_*, ear_*)")
-        if bool(vocab) != getattr(getattr(head, "func", head), "discrete", False):
+        if bool(vocab) != getattr(built_class(head), "discrete", False):
             raise ValueError(f"tokenizer {type(tokenizer).__name__} gives {kind} tokens: use "
                              f"{'loss=categorical' if vocab else 'a continuous head (loss=diffusion, energy, ...)'}")
         bb = backbone(seq_len=tokenizer.seq_len, num_classes=num_classes, **bb_spec)

@@ -50,8 +50,9 @@ def test_model_options_instantiate(name):
             level = {"level": torch.zeros(2)} if "level" in inspect.signature(net.forward).parameters else {}  # Shortcut
             out = net(torch.zeros(2, 4, 32, 32), torch.zeros(2), torch.zeros(2, dtype=torch.long), **level)
             assert out.shape == (2, 4, 32, 32)
-        else:  # a token backbone
-            assert instantiate(cfg.model)(seq_len=256, token_dim=16, num_classes=1000).cond_dim > 0
+        else:  # a token backbone (a prefix one, DiGIT's pixel decoder, also takes the semantic ids' sizes)
+            prefix = {"prefix_len": 256, "prefix_vocab": 8192} if name.startswith("prefix_") else {}
+            assert instantiate(cfg.model)(seq_len=256, token_dim=16, num_classes=1000, **prefix).cond_dim > 0
 
 
 @pytest.mark.parametrize("name", options("loss"))
@@ -145,7 +146,8 @@ def test_global_presets_compose(group):
     for name in options(group):
         cfg = compose_train(f"{group}={name}")
         OmegaConf.to_container(cfg, resolve=False)
-        if group == "experiment" and name.split("_")[1] in ("base", "large", "huge"):  # a full paper recipe
+        family, size = (name.split("_") + [""])[:2]
+        if group == "experiment" and family in ("mar", "ear") and size in ("base", "large", "huge"):  # a paper recipe
             assert cfg.optim.ema_decay == 0.9999 and cfg.trainer.gradient_clip_val == 3.0, name
             assert cfg.trainer.precision == "bf16-mixed" and list(cfg.optim.betas) == [0.9, 0.95], name
             assert cfg.optim.warmup_epochs == 100 and cfg.optim.schedule == "constant", name

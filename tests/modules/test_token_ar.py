@@ -71,6 +71,8 @@ def test_param_groups_follow_the_reference_rules():
 def test_lr_schedule_warmup_then_constant_or_cosine():
     assert [warmup_then(s, 4, 10, "constant") for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
     assert warmup_then(10, 4, 10, "cosine", 0.1) == pytest.approx(0.1)
+    # fairseq inverse_sqrt (DiGIT): lr · √(warmup / step) after the warm-up, continuous at the end of it
+    assert [warmup_then(s, 4, 100, "inverse_sqrt") for s in (2, 4, 16, 64)] == [0.5, 1.0, 0.5, 0.25]
     with pytest.raises(ValueError, match="optim.schedule"):
         warmup_then(5, 4, 10, "step")
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CONF = Path(__file__).resolve().parents[2] / "conf"
 K, STAGE = 16, 2  # 16-px shapes, conv stage 2: a 4x4 grid of 64-d features
 FIT = ["data=shapes", "data.train.num_samples=640", "tokenizer.encoder=builtin", f"tokenizer.stage={STAGE}",
-       f"k={K}", "fraction=0.25", "batch_size=64", "device=cpu", "+threads=1"]
+       f"k={K}", "fraction=0.25", "batch_size=64", "device=cpu", "threads=1"]
 
 
 def compose_fit(*overrides: str):

@@ -1,0 +1,75 @@
+"""``python digit.py out=DIR``: DiGIT's stages in order, each a contgen command in a subprocess (its own Hydra run,
+config and log in ``DIR/<stage>``), skipped when done and resumed when interrupted; see conf/digit.yaml."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("kmeans", "vq", "stage1", "stage2")
+
+
+def dotted(node, prefix: str = "") -> list[str]:
+    """A config node as Hydra overrides: {trainer: {max_epochs: 5}, module: x} -> [trainer.max_epochs=5, module=x]."""
+    out = []
+    for key, value in (OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node).items():
+        if isinstance(value, dict):
+            out += dotted(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={'null' if value is None else value}")
+    return out
+
+
+def stage_commands(cfg: DictConfig, out: Path) -> dict[str, list[str]]:
+    """The command of every stage (script + Hydra overrides), from the one set of encoder settings."""
+    common, enc = [*dotted(cfg.common), f"threads={cfg.threads}"], OmegaConf.to_container(cfg.encoder)
+    extra = {stage: dotted(cfg[stage]) for stage in STAGES}
+    centroids, vq = out / "kmeans" / "centroids.pt", out / "vq" / "vq_small.pt"
+    stage1_ckpt = out / "stage1" / "checkpoints" / "last.ckpt"
+    tok = [f"tokenizer.{k}={v}" for k, v in enc.items()]
+    return {
+        "kmeans": ["fit_kmeans.py", *common, *tok, f"k={cfg.k}", f"out={centroids}", *extra["kmeans"]],
+        "vq": ["train_vq.py", *common, f"out={vq.parent}", *extra["vq"]],
+        "stage1": ["train.py", "method=digit", *common, *tok, f"tokenizer.centroids_path={centroids}",
+                   "evaluate_after_fit=false", "callbacks.sample_grid=null", *extra["stage1"]],
+        "stage2": ["train.py", "method=digit_decoder", *common, f"tokenizer.ckpt_path={vq}",
+                   f"module.semantic.centroids_path={centroids}", *[f"module.semantic.{k}={v}" for k, v in enc.items()],
+                   f"module.stage1_ckpt={stage1_ckpt}", *extra["stage2"]],
+    }
+
+
+def run_pipeline(cfg: DictConfig) -> None:
+    stages = list(cfg.stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"stages={stages}: choose from {list(STAGES)} (in that order)")
+    out = Path(cfg.out).resolve()
+    commands = stage_commands(cfg, out)
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        run_dir, done = out / stage, out / stage / "DONE"
+        if done.is_file():
+            print(f"[digit] {stage}: done ({run_dir}), skipped")
+            continue
+        script, *overrides = commands[stage]
+        overrides.append(f"hydra.run.dir={run_dir}")
+        if (run_dir / "checkpoints" / "last.ckpt").is_file():
+            overrides.append("ckpt_path=last")  # an interrupted training: continue the same run
+        elif run_dir.exists():  # stopped before its first checkpoint: keep what it left, start afresh
+            aside = run_dir.with_name(f"{stage}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            print(f"[digit] {stage}: an earlier attempt left no checkpoint; moved it to {aside}")
+        print(f"[digit] {stage}: python {script} {' '.join(overrides)}", flush=True)
+        rc = subprocess.run([sys.executable, str(ROOT / script), *overrides]).returncode
+        if rc:
+            raise SystemExit(f"[digit] stage {stage} failed (exit {rc}); fix it and rerun the same command: finished "
+                             f"stages are skipped and {stage} resumes")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        done.write_text("ok\n")
+    print(f"[digit] done: {out}")

@@ -2,7 +2,7 @@
 MaskGIT pixel decoder runs it (``image_generation_stage2/model_nar.py:388-463``; reference/digit.md §3).
 
 Start with every token masked. At step k of K (ratio r = (k+1)/K): run the bidirectional backbone, draw an id for
-every masked position (softmax(logits / temperature)), score each drawn id by its log-probability plus Gumbel noise
+every masked position (softmax(logits / temperature), within the head's top-k / top-p if set), score each drawn id by its log-probability plus Gumbel noise
 scaled by ``choice_temperature · (1 − r)``, and re-mask the ⌊L·cos(π/2 · r)⌋ least confident of the positions drawn
 this step (clamped to [1, masked − 1]; none after the last step) — the counts are :func:`cosine_mask_schedule`'s.
 Tokens kept once stay (their confidence is +∞ in DiGIT). DiGIT: 8 steps, temperature 1, choice temperature 4.5.
@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from contgen.heads.categorical import gumbel, gumbel_argmax
+from contgen.heads.categorical import filter_logits, gumbel, gumbel_argmax
 from contgen.samplers.masked import gather_rows
 from contgen.samplers.schedules import cosine_mask_schedule
 
@@ -48,8 +48,10 @@ class MaskGITSampler:
             z = backbone(tokens, cond, order, masked)
             positions = order[:, :masked]
             logits = head.guided_logits(gather_rows(z, positions))
-            scaled = logits / self.temperature if self.temperature else logits
-            ids = logits.argmax(-1) if self.temperature == 0 else gumbel_argmax(scaled, generator)
+            if self.temperature == 0:
+                ids = logits.argmax(-1)
+            else:  # the head's top-k / top-p apply to the draw (DiGIT: neither); the confidence sees the full softmax
+                ids = gumbel_argmax(filter_logits(logits / self.temperature, head.top_k, head.top_p), generator)
             tokens = tokens.scatter(1, positions, ids.view(b, masked))
             if next_masked:
                 logp = logits.log_softmax(-1).gather(1, ids[:, None]).view(b, masked)

@@ -15,6 +15,7 @@ from contgen.cli.fit_kmeans import fit_kmeans
 from contgen.data.cached import CachedTokens, cache_tokens
 from contgen.data.shapes import Shapes
 from contgen.heads.categorical import CategoricalHead
+from contgen.modules.base import GenerativeModule
 from contgen.modules.causal_ar import CausalARModule
 from contgen.samplers.causal import CausalARSampler
 from contgen.tokenizers.digit import DigitKMeansTokenizer
@@ -122,7 +123,7 @@ def test_train_py_refuses_image_sampling_before_training(centroids):
     from tests.cli.test_configs import compose_train
 
     cfg = compose_train("tokenizer=digit_kmeans", "callbacks.online_fid.every_n_steps=5")
-    module = type("M", (), {"tokenizer": tokenizer(centroids)})
+    module = type("M", (), {"tokenizer": tokenizer(centroids), "require_pixels": GenerativeModule.require_pixels})()
     with pytest.raises(ValueError, match="evaluate_after_fit=false callbacks.sample_grid=null "
                                          "callbacks.online_fid.every_n_steps=0"):
         check_pixels(cfg, module)

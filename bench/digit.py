@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from timing import Timer  # noqa: E402
+from timing import Timer, environment  # noqa: E402
 
 # dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name
 BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0),
@@ -56,18 +54,6 @@ def bf16_peak(name: str) -> float | None:
 
 def sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
-
-
-def environment(device: torch.device) -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    commit = os.environ.get("CONTGEN_COMMIT") or git("rev-parse", "--short", "HEAD")
-    return {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "contgen_commit": commit}
 
 
 def sizes(small: bool) -> dict:

@@ -44,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing contgen
 
+import timing  # noqa: E402
 from timing import Timer, summarize  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 CASES = {
@@ -201,20 +202,7 @@ def contgen_sample(module, batch: int, num_iter: int, cfg: float, temperature: f
 def environment(device: torch.device) -> dict:
     import timm
 
-    def git(*a):
-        try:
-            return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    base = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "timm": timm.__version__, "date": time.strftime("%Y-%m-%d"), "run_id": os.environ.get("BENCH_RUN_ID") or time.strftime("%Y%m%dT%H%M%S")}
-    if os.environ.get("CONTGEN_COMMIT") or git("rev-parse", "--git-dir") is None:  # a copy on another machine
-        return {**base, "contgen_commit": os.environ.get("CONTGEN_COMMIT"),
-                "contgen_dirty": os.environ.get("CONTGEN_DIRTY")}
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "contgen", "conf")
-    return {**base, "contgen_commit": git("rev-parse", "--short", "HEAD"),
-            "contgen_dirty": [l.split(maxsplit=1)[-1] for l in dirty.splitlines()] if dirty else dirty}
+    return {**timing.environment(device), "timm": timm.__version__}
 
 
 def ratios(rows: list[dict]) -> list[dict]:

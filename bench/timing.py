@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import time
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Timer:
@@ -36,3 +42,24 @@ def summarize(times: list[float], batch: int, unit: str) -> dict:
     else:
         out["s_per_img"] = round(mean / batch, 5)
     return out
+
+
+def environment(device: torch.device) -> dict:
+    """What a result line records of where it ran: the device, torch, the date, a run id, and contgen's commit with
+    the files under contgen/ and conf/ that differ from it. A copy without git (the device machine) takes the commit
+    from ``CONTGEN_COMMIT`` / ``CONTGEN_DIRTY``."""
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    base = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "run_id": os.environ.get("BENCH_RUN_ID") or time.strftime("%Y%m%dT%H%M%S")}
+    if os.environ.get("CONTGEN_COMMIT") or git("rev-parse", "--git-dir") is None:  # a copy on another machine
+        return {**base, "contgen_commit": os.environ.get("CONTGEN_COMMIT"),
+                "contgen_dirty": os.environ.get("CONTGEN_DIRTY")}
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "contgen", "conf")
+    return {**base, "contgen_commit": git("rev-parse", "--short", "HEAD"),
+            "contgen_dirty": [line.split(maxsplit=1)[-1] for line in dirty.splitlines()] if dirty else dirty}

@@ -219,11 +219,17 @@ class GenerativeModule(L.LightningModule):
         return images.float().clamp(-1, 1)
 
     # --- checkpoints ------------------------------------------------------------------------------
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """The frozen submodules rebuilt from their own files (the tokenizer): kept out of every checkpoint, and whole
+        on every rank under FSDP (ignored modules)."""
+        return {"tokenizer": self.tokenizer}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # never write a checkpoint of a diverged run
-        # the frozen tokenizer is rebuilt from its own weights file; keep it out of every checkpoint
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("tokenizer.")}
+        frozen = tuple(f"{name}." for name in self.frozen_modules())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
         checkpoint["contgen"] = {"config": self.config, "num_classes": self.num_classes}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"].update({f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()})
+        for name, module in self.frozen_modules().items():
+            checkpoint["state_dict"].update({f"{name}.{k}": v for k, v in module.state_dict().items()})

@@ -30,7 +30,6 @@ from contgen.modules.token_ar import TokenARModule, built_class
 
 STAGE1_HINT = ("set module.stage1_ckpt to a stage-1 checkpoint (train.py module=causal_ar tokenizer=digit_kmeans with "
                "the same centroids)")
-FROZEN = ("tokenizer.", "semantic.", "stage1.")  # rebuilt from their own files, never in a stage-2 checkpoint
 
 
 def load_stage1(path: str, semantic: nn.Module, semantic_cfg: dict, num_classes: int) -> nn.Module:
@@ -154,17 +153,9 @@ class PixelDecoder:
         """Images in [-1, 1] for given semantic ids (B, P) — e.g. of real images, to score stage 2 alone."""
         return self.decode_images(lambda: self.render_tokens(semantic, generator, use_ema), use_ema)
 
-    # --- checkpoints ------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN)}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        for name in ("semantic", "stage1"):
-            module = getattr(self, name)
-            if module is not None:
-                checkpoint["state_dict"].update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {**super().frozen_modules(), "semantic": self.semantic,
+                **({"stage1": self.stage1} if self.stage1 is not None else {})}
 
 
 class CausalPixelDecoder(PixelDecoder, CausalARModule):

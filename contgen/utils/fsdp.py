@@ -11,7 +11,8 @@ checkpoints that load on any device count and in sample.py / evaluate.py on one 
   trained twin's, which holds because the two are wrapped by the same rule into units of their own (had they shared
   one unit, one flat parameter would hold both and split them at different offsets). The full state dict gathers
   the EMA weights at save.
-* the tokenizer is an ignored module: frozen, used outside the sharded forward, never gathered.
+* the frozen modules (``GenerativeModule.frozen_modules``: the tokenizer; DiGIT's stage 2 also its semantic tokenizer
+  and stage-1 model) are ignored modules: used outside the sharded forward, never gathered.
 * ``activation_checkpointing: true`` recomputes each block in the backward pass.
 """
 
@@ -40,7 +41,7 @@ class ShardedStrategy(FSDPStrategy):
         from torch.distributed.fsdp.wrap import CustomPolicy
 
         self.kwargs["auto_wrap_policy"] = CustomPolicy(partial(_unit, tuple(model.sharded_units()), self.blocks))
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is not None:
-            self.kwargs["ignored_modules"] = [tokenizer.to(self.root_device)]
+        frozen = model.frozen_modules().values() if hasattr(model, "frozen_modules") else ()
+        if frozen:
+            self.kwargs["ignored_modules"] = [m.to(self.root_device) for m in frozen]
         return super()._setup_model(model)

@@ -140,7 +140,8 @@ class GPTBackbone(nn.Module):
 
     # --- training / scoring -----------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, L) ids or (B, L, D), labels (B,), drop (B,) bool -> z (B, L, cond_dim) in position order."""
+        """tokens (B, L) ids or (B, L, D), labels (B,) (with a prefix: (B, P) ids), drop (B,) bool -> z (B, L, cond_dim)
+        in position order."""
         self.check_tokens(tokens)
         prev = self.embed_tokens(tokens.index_select(1, self.order[:-1]))  # inputs of slots 1..L-1
         x = torch.cat([self.condition(labels, drop).to(prev.dtype), prev], dim=1) + self.pos_emb

@@ -6,7 +6,8 @@ DiGIT's layout (``image_generation_stage2/model.py:50-62, 105-119, 204-210``; ``
 ``[s_1 .. s_P | EOS | t_1 .. t_L]``. The semantic ids have an embedding of their own (``prefix_emb``; DiGIT: rows of
 the shared table offset by the VQ vocabulary — the same thing as a second table), and a learned position table of
 their own counting from 0 (``embed_positions_1``); EOS and the target tokens use a second table, EOS at 0. contgen
-holds one position table over the whole sequence, the two concatenated. The pixel decoder has no class: contgen's start slot (the class slot of the stage-1 GPT, one class) is the EOS.
+holds one position table over the whole sequence, the two concatenated. The pixel decoder has no class: contgen's
+start slot (the class slot of the stage-1 GPT, one class) is the EOS.
 
 Two backbones take the prefix (``takes_prefix``; the module passes ``prefix_len`` and ``prefix_vocab``, the
 semantic tokenizer's grid and K): the causal GPT (``gpt.py``: the AR prefix-LM, causal over the whole sequence as
@@ -45,6 +46,7 @@ class PrefixEARBackbone(EARBackbone):
         check_prefix(prefix_len, prefix_vocab, label_drop_prob)
         super().__init__(seq_len=seq_len, token_dim=token_dim, num_classes=num_classes, embed_dim=embed_dim,
                          buffer_size=prefix_len + 1, label_drop_prob=0.0, **kwargs)
+        del self.fake_latent  # no null class: a parameter without gradients would stall DDP
         self.prefix_emb = nn.Embedding(prefix_vocab, embed_dim)
         nn.init.normal_(self.prefix_emb.weight, std=0.02)  # EAR's embedding init (MaskedTokenBackbone.init_weights)
 

@@ -50,26 +50,36 @@ def run_pipeline(cfg: DictConfig) -> None:
         raise ValueError(f"stages={stages}: choose from {list(STAGES)} (in that order)")
     out = Path(cfg.out).resolve()
     commands = stage_commands(cfg, out)
-    for stage in STAGES:
+    for i, stage in enumerate(STAGES):
         if stage not in stages:
             continue
+        script, *overrides = commands[stage]
+        command = " ".join([script, *overrides])  # what DONE records: a stage is done for these settings only
         run_dir, done = out / stage, out / stage / "DONE"
         if done.is_file():
-            print(f"[digit] {stage}: done ({run_dir}), skipped")
-            continue
-        script, *overrides = commands[stage]
+            if done.read_text().strip() == command:
+                print(f"[digit] {stage}: done ({run_dir}), skipped")
+                continue
+            for later in STAGES[i:]:  # its settings changed: it and what was built on it are redone, kept aside
+                set_aside(out / later, "changed")
         overrides.append(f"hydra.run.dir={run_dir}")
         if (run_dir / "checkpoints" / "last.ckpt").is_file():
             overrides.append("ckpt_path=last")  # an interrupted training: continue the same run
-        elif run_dir.exists():  # stopped before its first checkpoint: keep what it left, start afresh
-            aside = run_dir.with_name(f"{stage}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
-            run_dir.rename(aside)
-            print(f"[digit] {stage}: an earlier attempt left no checkpoint; moved it to {aside}")
+        elif run_dir.exists():  # stopped before its first checkpoint (or vq / kmeans, which keep none): start afresh
+            set_aside(run_dir, "failed")
         print(f"[digit] {stage}: python {script} {' '.join(overrides)}", flush=True)
         rc = subprocess.run([sys.executable, str(ROOT / script), *overrides]).returncode
         if rc:
             raise SystemExit(f"[digit] stage {stage} failed (exit {rc}); fix it and rerun the same command: finished "
                              f"stages are skipped and {stage} resumes")
         run_dir.mkdir(parents=True, exist_ok=True)
-        done.write_text("ok\n")
+        done.write_text(command + "\n")
     print(f"[digit] done: {out}")
+
+
+def set_aside(run_dir: Path, why: str) -> None:
+    """Move a stage's directory out of the way (nothing is deleted): ``<stage>.<why>-<time>``."""
+    if run_dir.exists():
+        aside = run_dir.with_name(f"{run_dir.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"[digit] {run_dir.name}: {why} since it ran; moved it to {aside}")

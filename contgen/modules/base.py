@@ -229,6 +229,8 @@ class GenerativeModule(L.LightningModule):
         frozen = tuple(f"{name}." for name in self.frozen_modules())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
         checkpoint["contgen"] = {"config": self.config, "num_classes": self.num_classes}
+        if hasattr(self.tokenizer, "digest"):  # what the tokens are, beyond the config (DiGIT's centroids)
+            checkpoint["contgen"]["tokenizer_digest"] = self.tokenizer.digest()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         for name, module in self.frozen_modules().items():

@@ -4,18 +4,21 @@ head) conditioned on the discriminative tokens of the same image (``module.seman
 settings, the K-means ids of stage 1).
 
 Two variants, as DiGIT's: ``module=pixel_decoder_ar`` (:class:`CausalPixelDecoder`, the prefix-LM ``st2vtlm``: the
-GPT with a prefix, one token per step with a KV cache, DiGIT samples with top-p 0.8) and ``module=pixel_decoder_maskgit``
-(:class:`MaskedPixelDecoder`, ``st2vtlm_nar``: a bidirectional stack over ``[prefix | EOS | masked tokens]``, MaskGIT's
-cosine mask count in training and ``sampler=maskgit``, 8 steps, at sampling). Each is its family's module (causal or
-masked token AR) with the semantic ids in place of the class: the training step tokenizes every image twice, online,
-with both frozen tokenizers (the two 16×16 grids of the same crop are aligned, as in DiGIT), and the backbone sees the
-semantic ids where a class-conditioned one sees the class. The pixel decoder has no class, hence no CFG.
+GPT with a prefix, one token per step with a KV cache, DiGIT samples with top-p 0.8) and
+``module=pixel_decoder_maskgit`` (:class:`MaskedPixelDecoder`, ``st2vtlm_nar``: a bidirectional stack over ``[prefix
+| EOS | masked tokens]``, MaskGIT's cosine mask count in training and ``sampler=maskgit``, 8 steps, at sampling).
+Each is its family's module (causal or masked token AR) with the semantic ids in place of the class: the training
+step tokenizes every image twice, online, with both frozen tokenizers (the two 16×16 grids of the same crop are
+aligned, as in DiGIT), and the backbone sees the semantic ids where a class-conditioned one sees the class. The
+pixel decoder has no class, hence no CFG.
 
 ``module.stage1_ckpt`` (a ``module=causal_ar`` checkpoint over the same K-means ids) makes the pair a class-to-pixels
 model: ``generate(labels)`` samples the semantic ids with stage 1 (its own sampler and head settings, from its
 checkpoint), then the pixel tokens with stage 2, then decodes them — so sample grids, ``evaluate.py`` and
-``sample.py`` work on a stage-2 checkpoint. Stage 1 is loaded from its file, frozen, and kept out of stage 2's
-checkpoints (like the tokenizers). :meth:`render` decodes given semantic ids (stage 2 alone, e.g. of real images).
+``sample.py`` work on a stage-2 checkpoint. Stage 1 is loaded from its file (checked to model the same ids: the
+encoder settings and the centroids' digest), frozen, kept out of stage 2's checkpoints like the tokenizers, and
+sampled under stage 2's ``sample_precision``. :meth:`render` decodes given semantic ids (stage 2 alone, e.g. of
+real images).
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from torch import nn
 
 from contgen.modules.causal_ar import CausalARModule
 from contgen.modules.token_ar import TokenARModule, built_class
+from contgen.samplers.maskgit import MaskGITSampler
 
+# the settings that decide the ids (paths may differ: the centroids themselves are compared by digest)
+ID_KEYS = ("encoder", "arch", "layer", "input_size", "image_size", "stage")
 STAGE1_HINT = ("set module.stage1_ckpt to a stage-1 checkpoint (train.py module=causal_ar tokenizer=digit_kmeans with "
                "the same centroids)")
 
@@ -50,7 +56,10 @@ def load_stage1(path: str, semantic: nn.Module, semantic_cfg: dict, num_classes:
                          "(module=causal_ar over tokenizer=digit_kmeans)")
     stored = OmegaConf.to_container(cfg.tokenizer, resolve=True)
     differ = [f"{k}: stage 1 {stored.get(k)!r} vs module.semantic {semantic_cfg.get(k)!r}"
-              for k in sorted(stored.keys() | semantic_cfg.keys()) if stored.get(k) != semantic_cfg.get(k)]
+              for k in ("_target_", *ID_KEYS) if stored.get(k) != semantic_cfg.get(k)]
+    digest = ckpt["contgen"].get("tokenizer_digest")
+    if digest is not None and digest != semantic.digest():
+        differ.append(f"the centroids in {semantic_cfg.get('centroids_path')!r} are not those stage 1 was trained on")
     if differ:
         raise ValueError(f"module.stage1_ckpt={path!r} was trained on other semantic tokens than module.semantic "
                          f"configures ({'; '.join(differ)})")
@@ -72,15 +81,17 @@ class PixelDecoder:
                              f"{type(semantic).__name__}")
         self.semantic, self.stage1 = semantic, stage1
 
+    config_keys = ("semantic", "stage1_ckpt")
+
     @classmethod
     def from_config(cls, cfg, tokenizer: nn.Module, num_classes: int):
         from hydra.utils import instantiate
         from omegaconf import OmegaConf
 
-        if cfg.get("loss") is None:
-            raise ValueError("the pixel decoder needs a per-token head: set loss= (categorical for VQ ids; diffusion, "
-                             "energy, flow ... for continuous tokens)")
-        knobs = {k: v for k, v in cfg.module.items() if k not in ("_target_", "semantic", "stage1_ckpt")}
+        given = [k for k in ("prefix_len", "prefix_vocab") if k in cfg.model]
+        if given:
+            raise ValueError(f"model.{given[0]}: the pixel decoder sets the prefix from module.semantic (its grid and "
+                             "K); remove it from the model config")
         semantic_cfg = OmegaConf.to_container(cfg.module.semantic, resolve=True)
         semantic = instantiate(cfg.module.semantic)
         stage1 = None
@@ -89,12 +100,10 @@ class PixelDecoder:
         backbone = instantiate(cfg.model)
         if not getattr(built_class(backbone), "takes_prefix", False):
             raise ValueError(f"model {cfg.model._target_} takes no prefix of condition ids: the pixel decoder needs "
-                             "model=gpt_* (module=pixel_decoder_ar) or model=prefix_ear_* (module=pixel_decoder_maskgit)")
+                             "model=gpt_* (module=pixel_decoder_ar) or model=prefix_ear_* "
+                             "(module=pixel_decoder_maskgit)")
         backbone = functools.partial(backbone, prefix_len=semantic.seq_len, prefix_vocab=semantic.vocab_size)
-        module = cls(tokenizer=tokenizer, backbone=backbone, head=instantiate(cfg.loss),
-                     sampler=instantiate(cfg.sampler), num_classes=num_classes,
-                     optim=OmegaConf.to_container(cfg.optim, resolve=True), seed=cfg.seed,
-                     config=OmegaConf.to_container(cfg, resolve=True), **knobs)
+        module = super().from_config(cfg, tokenizer, num_classes, backbone=backbone)
         module.setup_stage2(semantic, stage1)
         return module
 
@@ -164,4 +173,11 @@ class CausalPixelDecoder(PixelDecoder, CausalARModule):
 
 class MaskedPixelDecoder(PixelDecoder, TokenARModule):
     """``module=pixel_decoder_maskgit``: DiGIT's MaskGIT pixel decoder (``module.mask_ratio=cosine``,
-    ``sampler=maskgit``)."""
+    ``sampler=maskgit``; continuous tokens: ``sampler=mar``)."""
+
+    def check_sampler(self, sampler) -> None:
+        super().check_sampler(sampler)
+        discrete = getattr(self.net.head, "discrete", False)
+        if discrete != isinstance(sampler, MaskGITSampler):
+            raise ValueError(f"module=pixel_decoder_maskgit over {'ids' if discrete else 'continuous tokens'} samples "
+                             f"with sampler={'maskgit' if discrete else 'mar'}, got {type(sampler).__name__}")

@@ -32,6 +32,7 @@ def built_class(factory: Callable[..., nn.Module]) -> type:
 
 class TokenARModule(GenerativeModule):
     causal = False  # masked random order; CausalARModule (causal_ar.py): one token per step in a fixed order
+    config_keys: tuple[str, ...] = ()  # module.* keys a subclass's from_config reads itself
 
     def __init__(self, tokenizer: nn.Module, backbone: Callable[..., nn.Module], head: Callable[..., nn.Module],
                  sampler: MaskedARSampler, num_classes: int, optim: dict, mask_ratio_min: float = 0.7,
@@ -74,19 +75,26 @@ class TokenARModule(GenerativeModule):
         return nn.ModuleDict({"backbone": bb, "head": head(cond_dim=bb.cond_dim, **spec)})
 
     @classmethod
-    def from_config(cls, cfg, tokenizer: nn.Module, num_classes: int) -> "TokenARModule":
+    def from_config(cls, cfg, tokenizer: nn.Module, num_classes: int,
+                    backbone: Callable[..., nn.Module] | None = None) -> "TokenARModule":
+        """``backbone``: the model factory when a subclass has wrapped ``cfg.model``'s (default: ``cfg.model``);
+        the ``module.*`` keys in ``cls.config_keys`` are read by the subclass, not passed to ``__init__``."""
         from hydra.utils import instantiate
         from omegaconf import OmegaConf
 
         if cfg.get("loss") is None:
-            raise ValueError("module=token_ar needs a per-token head: set loss= (diffusion, energy, ...)")
-        knobs = {k: v for k, v in cfg.module.items() if k != "_target_"}
-        return cls(tokenizer=tokenizer, backbone=instantiate(cfg.model), head=instantiate(cfg.loss),
+            raise ValueError(f"module={cfg.module._target_} needs a per-token head: set loss= (diffusion, energy, "
+                             "categorical, ...)")
+        knobs = {k: v for k, v in cfg.module.items() if k != "_target_" and k not in cls.config_keys}
+        return cls(tokenizer=tokenizer, backbone=backbone or instantiate(cfg.model), head=instantiate(cfg.loss),
                    sampler=instantiate(cfg.sampler), num_classes=num_classes,
                    optim=OmegaConf.to_container(cfg.optim, resolve=True), seed=cfg.seed,
                    config=OmegaConf.to_container(cfg, resolve=True), **knobs)
 
     def check_sampler(self, sampler: MaskedARSampler) -> None:
+        if not hasattr(sampler, "num_iter"):
+            raise ValueError(f"a masked token-AR module samples in steps of masked tokens: use sampler=mar, ear or "
+                             f"maskgit (discrete ids), got {type(sampler).__name__}")
         cosine_mask_schedule(self.tokenizer.seq_len, sampler.num_iter)  # num_iter within [1, seq_len]
 
     def decay_and_head(self) -> tuple[nn.Module, nn.Module]:

@@ -2,10 +2,11 @@
 MaskGIT pixel decoder runs it (``image_generation_stage2/model_nar.py:388-463``; reference/digit.md §3).
 
 Start with every token masked. At step k of K (ratio r = (k+1)/K): run the bidirectional backbone, draw an id for
-every masked position (softmax(logits / temperature), within the head's top-k / top-p if set), score each drawn id by its log-probability plus Gumbel noise
-scaled by ``choice_temperature · (1 − r)``, and re-mask the ⌊L·cos(π/2 · r)⌋ least confident of the positions drawn
-this step (clamped to [1, masked − 1]; none after the last step) — the counts are :func:`cosine_mask_schedule`'s.
-Tokens kept once stay (their confidence is +∞ in DiGIT). DiGIT: 8 steps, temperature 1, choice temperature 4.5.
+every masked position (softmax(logits / temperature), within the head's top-k / top-p if set), score each drawn id
+by its log-probability plus Gumbel noise scaled by ``choice_temperature · (1 − r)``, and re-mask the
+⌊L·cos(πr/2)⌋ least confident of the positions drawn this step (clamped to [1, masked − 1]; none after the last
+step) — the counts are :func:`cosine_mask_schedule`'s. Tokens kept once stay (their confidence is +∞ in DiGIT).
+DiGIT: 8 steps, temperature 1, choice temperature 4.5.
 
 The positions still masked go first in each row's order, so the masked backbone API ``(tokens, cond, order,
 num_masked)`` applies as in MAR's sampler, with a static ``num_masked`` per step. Deviation: DiGIT draws the Gumbel
@@ -13,8 +14,6 @@ noise with numpy's global generator on the host; here it comes from the sampling
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 

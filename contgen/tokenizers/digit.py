@@ -13,6 +13,7 @@ refused before any compute (train.py: sample grids, online FID, evaluation after
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -91,6 +92,10 @@ class DigitKMeansTokenizer(Tokenizer):
         self.register_buffer("centroids", km.centroids)
         self.vocab_size, self.image_size, self.grid = k, image_size, self.encoder.grid
         self.freeze()
+
+    def digest(self) -> str:
+        """The centroids' identity (a stage-1 checkpoint records it; DiGIT's stage 2 checks its ids are the same)."""
+        return hashlib.sha256(self.centroids.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
     def moments(self, img: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> ids (B, L, 1) int64: fp32 squared-L2 argmin (stage1/model.py:131-136), no

@@ -77,6 +77,16 @@ def test_prefix_ear_hides_masked_tokens_and_sees_the_prefix():
     assert (model(x, pre2, order, 3) - z).abs().amax() > 1e-3
 
 
+@pytest.mark.parametrize("make", [prefix_gpt, prefix_ear], ids=["gpt", "ear"])
+def test_every_parameter_gets_a_gradient(make):
+    """DDP (find_unused_parameters false) needs a gradient for every parameter at every step: nothing of the class
+    conditioning (the null class, fake_latent) may be left unused by the prefix."""
+    model, x, pre = make().train(), ids(V, L, 0), ids(PV, P, 1)
+    z = model(x, pre) if make is prefix_gpt else model(x, pre, torch.arange(L).expand(B, -1), 3)
+    z.square().sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 def test_prefix_errors_name_the_key():
     with pytest.raises(ValueError, match="model.label_drop_prob=0.1.*no null class"):
         prefix_gpt(label_drop_prob=0.1)
@@ -114,6 +124,18 @@ def test_maskgit_sampler_follows_the_cosine_count_and_keeps_kept_tokens():
     assert out.shape == (B, 16) and out.dtype == torch.long and out.max() < V
     with pytest.raises(ValueError, match="loss=categorical"):
         MaskGITSampler()(backbone, DiffusionHead(8, 4, width=8, depth=1), torch.zeros(B, P, dtype=torch.long))
+
+
+def test_maskgit_remasks_the_least_confident_draws():
+    """Choice temperature 0: the positions masked again are exactly the drawn ones of lowest log-probability."""
+    backbone, head = CountingBackbone(), CategoricalHead(8, V)
+    MaskGITSampler(num_iter=3, choice_temperature=0.0)(backbone, head, torch.zeros(B, P, dtype=torch.long),
+                                                       torch.Generator().manual_seed(0))
+    (n0, _, masked0), (n1, tokens1, masked1) = backbone.calls[:2]
+    z0 = torch.randn(B, 16, 8, generator=torch.Generator().manual_seed(1))  # what the stand-in returned at call 1
+    logp = head.guided_logits(z0).log_softmax(-1).gather(-1, tokens1[..., None])[..., 0]  # of the drawn ids
+    expected = logp.argsort(dim=1)[:, :n1]  # all 16 were drawn at step 0
+    assert torch.equal(masked1, torch.zeros_like(masked1).scatter(1, expected, True))
 
 
 def vq():
@@ -186,7 +208,8 @@ def test_continuous_pixel_tokens_with_a_diffusion_head(variant, centroids):  # n
     backbone, order = module.net.backbone.eval(), torch.arange(16).expand(4, -1)
     z = (lambda s: backbone(tokens, s)) if variant == "ar" else (lambda s: backbone(tokens, s, order, 8))
     assert (z(semantic) - z((semantic + 1) % 16)).abs().amax() > 1e-3  # the semantic ids condition the tokens
-    assert module.render(module.semantic.encode(batch["image"]), torch.Generator().manual_seed(0)).shape == (4, 3, 16, 16)
+    rendered = module.render(module.semantic.encode(batch["image"]), torch.Generator().manual_seed(0))
+    assert rendered.shape == (4, 3, 16, 16)
 
 
 def test_stage1_link_and_errors(centroids, tmp_path):  # noqa: F811
@@ -238,9 +261,9 @@ def test_digit_pipeline_commands_skip_and_resume(tmp_path, monkeypatch):
 
     ran = []
     monkeypatch.setattr(subprocess, "run", lambda argv: ran.append(argv) or subprocess.CompletedProcess(argv, 0))
-    for stage in ("kmeans", "vq"):
+    for stage in ("kmeans", "vq"):  # done with these settings
         (tmp_path / stage).mkdir()
-        (tmp_path / stage / "DONE").write_text("ok")
+        (tmp_path / stage / "DONE").write_text(" ".join(cmds[stage]))
     (tmp_path / "stage1" / "checkpoints").mkdir(parents=True)
     (tmp_path / "stage1" / "checkpoints" / "last.ckpt").write_bytes(b"")
     (tmp_path / "stage2").mkdir()
@@ -250,8 +273,71 @@ def test_digit_pipeline_commands_skip_and_resume(tmp_path, monkeypatch):
     assert "ckpt_path=last" in ran[0] and "ckpt_path=last" not in ran[1]
     assert len(list(tmp_path.glob("stage2.failed-*/config.yaml"))) == 1
     assert all((tmp_path / s / "DONE").is_file() for s in digit.STAGES)
+    ran.clear()
+    digit.run_pipeline(cfg)  # the same settings: nothing to do
+    assert ran == []
+    digit.run_pipeline(compose_digit(f"out={tmp_path}", "encoder.stage=3", "k=16", "stage1.trainer.max_epochs=1",
+                                     "+stage2.module=pixel_decoder_maskgit"))  # K changed: every stage is redone
+    assert [argv[1].rsplit("/", 1)[-1] for argv in ran] == ["fit_kmeans.py", "train_vq.py", "train.py", "train.py"]
+    assert all(len(list(tmp_path.glob(f"{s}.changed-*/DONE"))) == 1 for s in digit.STAGES)
     with pytest.raises(ValueError, match=r"stages=\['stage3'\]"):
         digit.run_pipeline(compose_digit(f"out={tmp_path}", "stages=[stage3]"))
+
+
+def stage1_checkpoint(centroids, path, **tok):  # noqa: F811
+    """A method=digit stage-1 checkpoint as train.py writes it (config, class count, centroids digest)."""
+    from omegaconf import open_dict
+
+    from contgen.cli.build import build_module
+    from tests.cli.test_configs import compose_train
+
+    overrides = {"encoder": "builtin", "stage": 2, "centroids_path": str(centroids), **tok}
+    cfg = compose_train("method=digit", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+                        "paths.output_dir=.", *[f"tokenizer.{k}={v}" for k, v in overrides.items()])
+    with open_dict(cfg):
+        del cfg["hydra"]  # from_config stores the resolved config; hydra's runtime keys exist only in a run
+    module = build_module(cfg, 12)
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return cfg
+
+
+def test_load_stage1_checks_the_ids(centroids, tmp_path):  # noqa: F811
+    from omegaconf import OmegaConf
+
+    from contgen.modules.pixel_decoder import load_stage1
+
+    cfg = stage1_checkpoint(centroids, tmp_path / "s1.ckpt")
+    semantic_cfg = OmegaConf.to_container(cfg.tokenizer, resolve=True)
+    semantic = tokenizer(centroids)
+    stage1 = load_stage1(str(tmp_path / "s1.ckpt"), semantic, semantic_cfg, 12)
+    assert stage1.tokenizer is semantic and not any(p.requires_grad for p in stage1.parameters())
+    with pytest.raises(ValueError, match="stage: stage 1 2 vs module.semantic 3"):
+        load_stage1(str(tmp_path / "s1.ckpt"), semantic, {**semantic_cfg, "stage": 3}, 12)
+    with pytest.raises(ValueError, match="has 12 classes, the data 10"):
+        load_stage1(str(tmp_path / "s1.ckpt"), semantic, semantic_cfg, 10)
+    refit = tmp_path / "refit.pt"  # same path semantics, other centroids: the digest tells
+    torch.save({**torch.load(centroids), "centroids": torch.load(centroids)["centroids"].flip(0)}, refit)
+    with pytest.raises(ValueError, match="are not those stage 1 was trained on"):
+        load_stage1(str(tmp_path / "s1.ckpt"), tokenizer(refit), {**semantic_cfg, "centroids_path": str(refit)}, 12)
+
+
+def test_sampler_and_prefix_config_errors(centroids):  # noqa: F811
+    from contgen.cli.build import build_module
+    from tests.cli.test_configs import compose_train
+
+    head = CategoricalHead
+    with pytest.raises(ValueError, match="use sampler=mar, ear or maskgit"):
+        MaskedPixelDecoder(vq(), functools.partial(SMALL_EAR, prefix_len=16, prefix_vocab=16), head,
+                           CausalARSampler(), num_classes=12, optim=train_optim())
+    with pytest.raises(ValueError, match="over ids samples with sampler=maskgit"):
+        MaskedPixelDecoder(vq(), functools.partial(SMALL_EAR, prefix_len=16, prefix_vocab=16), head,
+                           MaskedARSampler(num_iter=4, cfg=1.0), num_classes=12, optim=train_optim())
+    cfg = compose_train("method=digit_decoder", "+model.prefix_len=16", "tokenizer.ckpt_path=null",
+                        "+tokenizer.random_init=true", f"module.semantic.centroids_path={centroids}")
+    with pytest.raises(ValueError, match="model.prefix_len: the pixel decoder sets the prefix"):
+        build_module(cfg, 12)
 
 
 @pytest.mark.slow

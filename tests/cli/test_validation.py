@@ -20,7 +20,7 @@ def test_sampler_settings(key, value):
 def test_num_iter_beyond_the_sequence_and_an_unknown_schedule_fail_when_the_module_is_built():
     with pytest.raises(ValueError, match=r"sampler.num_iter must be in \[1, 16\]"):
         make(sampler_num_iter=17)
-    with pytest.raises(ValueError, match="optim.schedule must be 'constant' or 'cosine', got 'cosin'"):
+    with pytest.raises(ValueError, match="optim.schedule must be 'constant', 'cosine' or 'inverse_sqrt', got 'cosin'"):
         make(optim={"schedule": "cosin"})
 
 

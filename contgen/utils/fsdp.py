@@ -31,6 +31,14 @@ def _unit(units: tuple[nn.Module, ...], blocks: tuple[type, ...], module: nn.Mod
     return isinstance(module, blocks) or any(module is u for u in units)
 
 
+def check_shardable(model: nn.Module) -> None:
+    """A causal GPT samples through its KV-cache decode, which reads the backbone's embeddings outside any forward:
+    FSDP would hand it unsharded-by-then parameters only inside a forward, so such a model is refused."""
+    if getattr(model, "causal", False):
+        raise ValueError(f"strategy=fsdp: {type(model).__name__} samples one token per step with a KV cache outside "
+                         "the sharded forward, which FSDP does not gather; train it with strategy=ddp")
+
+
 class ShardedStrategy(FSDPStrategy):
     def __init__(self, activation_checkpointing: bool = False, **kwargs):
         self.blocks = tuple(get_class(b) for b in BLOCKS)
@@ -39,6 +47,8 @@ class ShardedStrategy(FSDPStrategy):
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp.wrap import CustomPolicy
+
+        check_shardable(model)
 
         self.kwargs["auto_wrap_policy"] = CustomPolicy(partial(_unit, tuple(model.sharded_units()), self.blocks))
         frozen = model.frozen_modules().values() if hasattr(model, "frozen_modules") else ()

@@ -59,3 +59,19 @@ def test_optimizer_groups_use_the_dims_as_built():
                                                                  module._param_ndims)}
     assert groups["decay"] > 0 and groups["head"] > 0
     assert "decay" not in {g["name"] for g in param_groups(module.net.backbone, module.net.head, 0.02)}
+
+
+def test_a_causal_gpt_is_refused():
+    """Its KV-cache decode reads the backbone's tables outside a forward, where FSDP has them sharded."""
+    from contgen.modules.causal_ar import CausalARModule
+    from contgen.samplers.causal import CausalARSampler
+    from contgen.tokenizers.patch import PatchTokenizer
+    from contgen.utils.fsdp import check_shardable
+    from tests.backbones.test_gpt import GPT_SMALL, HEADS
+    from tests.helpers import train_optim
+
+    module = CausalARModule(PatchTokenizer(16, 4), GPT_SMALL, HEADS["diffusion"], CausalARSampler(), num_classes=4,
+                            optim=train_optim())
+    with pytest.raises(ValueError, match="strategy=fsdp: CausalARModule samples .* strategy=ddp"):
+        check_shardable(module)
+    check_shardable(make_token_ar())  # the masked family shards

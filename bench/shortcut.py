@@ -60,6 +60,11 @@ more where contgen compiles), then ``--steps`` steps, each between two device sy
 median); sampling: one 1-step warm-up run at the same batch, then ``--repeats`` timed runs (``--repeats-long`` at
 128 steps). TF32 matmuls on for torch (JAX uses TF32 for float32 products on the GPU by default).
 
+``--cuda-graphs on`` (default; ``module.cuda_graphs``): contgen's Euler sampling loop and, in ``train_shortcut``, the two
+no-grad half steps are captured as one CUDA graph per shape (sampling: on an untimed run of the timed sampler;
+training: in the first warm-up step), then replayed, with the same numbers as eager; ``off`` runs them eagerly. The
+contgen sampling and ``train_shortcut`` rows record ``cuda_graphs``.
+
 Processes (``--isolate``): ``side`` (default) runs contgen's cases of one compile setting in one process and the
 reference as said above; ``case`` runs each (case, side, batch, compile) in a fresh process; ``none`` runs all here.
 
@@ -197,6 +202,7 @@ def contgen_train(case: str, batch: int, scope: bool, args, device) -> dict:
     from contgen.modules.optim import param_groups
     from contgen.transport.shortcut import ShortcutObjective
     from contgen.transport.ucgm import flow_matching
+    from contgen.utils import cuda_graphs
     from contgen.utils.ema import EMA
 
     spec = CASES[case]
@@ -223,11 +229,13 @@ def contgen_train(case: str, batch: int, scope: bool, args, device) -> dict:
         if case == "train_shortcut":
             teacher = obj.build_teacher(net, ema=ema.shadow)
             rows, levels = obj.layout(batch)
-            extra = {"bootstrap_rows": rows, "cfg_rows": levels.count(obj.num_levels - 1)}
+            extra = {"bootstrap_rows": rows, "cfg_rows": levels.count(obj.num_levels - 1),
+                     "cuda_graphs": args.cuda_graphs == "on"}
 
             def loss_fn():
                 teacher.update(net)  # TransportModule.training_step (a no-op for the EMA half-step net)
-                return obj.loss(net, x, y, generator=gen, teacher=teacher)[0]
+                with cuda_graphs.enabled(args.cuda_graphs == "on"):  # the half steps as one graph, as the module
+                    return obj.loss(net, x, y, generator=gen, teacher=teacher)[0]
         else:
             def loss_fn():
                 return flow_level_loss(obj, net, x, y, gen)
@@ -262,6 +270,7 @@ def contgen_train(case: str, batch: int, scope: bool, args, device) -> dict:
 @torch.no_grad()
 def contgen_sample(case: str, batch: int, scope: bool, args, device) -> dict:
     from contgen.transport.shortcut import ShortcutSampler
+    from contgen.utils import cuda_graphs
 
     steps = CASES[case]["steps"]
     net = build_contgen_net("shortcut", args.tiny, device, args.seed).eval()
@@ -278,16 +287,20 @@ def contgen_sample(case: str, batch: int, scope: bool, args, device) -> dict:
         noise = torch.randn(batch, IN_CHANNELS, s["input_size"], s["input_size"], generator=gen, device=device)
         timer.sync()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):  # sample_precision auto = bf16 on the GPU
+        # sample_precision auto = bf16 on the GPU
+        with torch.autocast(device.type, dtype=torch.bfloat16), cuda_graphs.enabled(graphs):
             out = smp(net, noise, labels, gen)
         timer.sync()
         assert out.shape == noise.shape and out.dtype == torch.float32
         return time.perf_counter() - t0
 
+    graphs = args.cuda_graphs == "on"
     run(warm)
+    if graphs:  # the capture (an eager warm-up run, then the recorded one) stays out of the timing
+        run(sampler)
     res = timed_sampling(run, timer, args.repeats if steps <= 4 else args.repeats_long, batch)
     res["host_syncs"] = count_syncs(run)
-    return {**res, "nfe": sampler.nfe, "dynamo_graphs": dynamo_graphs()}
+    return {**res, "nfe": sampler.nfe, "dynamo_graphs": dynamo_graphs(), "cuda_graphs": graphs}
 
 
 # --- reference side -----------------------------------------------------------------------------------------
@@ -635,6 +648,8 @@ def main() -> None:
     p.add_argument("--reference-root", type=Path, default=None, help="a kvfrans/shortcut-models checkout (6010043)")
     p.add_argument("--batches", default="256,64", help="training batch sizes")
     p.add_argument("--sample-batch", type=int, default=256)
+    p.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                   help="contgen: replay the Euler loop and the training half steps as CUDA graphs (module.cuda_graphs)")
     p.add_argument("--compile", choices=("off", "on", "both"), default="off", help="contgen variants")
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--warmup", type=int, default=5, help="training warm-up steps (the reference's first compiles)")

@@ -74,6 +74,11 @@ batches. Global flags, identical for both
 sides: TF32 matmuls on (eval.py:59; training is under bf16 autocast, where it does not apply),
 ``cudnn.deterministic`` on / ``benchmark`` off (utilities ``set_seed``, main.py:35).
 
+contgen sampling runs with ``--cuda-graphs on`` (default; ``module.cuda_graphs``, on in conf/module/transport.yaml):
+the solver's loop is captured as one CUDA graph per shape on an untimed run of the timed sampler, then replayed
+(``contgen/transport/solvers.py`` ``replay_or_call``; same draws, same samples as eager); ``off`` runs it eagerly.
+Each contgen sampling row records ``cuda_graphs``.
+
 Processes (``--isolate``): ``case`` (default) runs each (case, side, precision, compile) in a fresh process;
 ``side`` runs all cases of one (side, compile) in one process (each case rebuilds its nets; compiled graphs are
 reused, which saves the device time of compiling each mode again); ``none`` runs everything here.
@@ -333,6 +338,7 @@ def contgen_train(spec: dict, state: dict, precision: str, scope: str | None, ar
 @torch.no_grad()
 def contgen_sample(spec: dict, state: dict, precision: str, scope: str | None, args, device) -> dict:
     from contgen.transport.solvers import UCGMSampler
+    from contgen.utils import cuda_graphs
 
     net = build_contgen_tit(args.tiny, device, args.seed, state, builds_compiled(scope)).eval()  # the EMA weights
     compile_denoiser(net, scope)
@@ -351,15 +357,19 @@ def contgen_sample(spec: dict, state: dict, precision: str, scope: str | None, a
         noise = torch.randn(args.batch, IN_CHANNELS, sz["input_size"], sz["input_size"], generator=gen, device=device)
         timer.sync()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None), \
+                cuda_graphs.enabled(graphs):
             out = smp(net, noise, labels, gen)
         timer.sync()
         assert out.shape == noise.shape
         return time.perf_counter() - t0
 
+    graphs = args.cuda_graphs == "on"
     run(warm)
+    if graphs:  # the capture (an eager warm-up run, then the recorded one) stays out of the timing
+        run(sampler)
     return {**timed_sampling(run, timer, repeats(s, args), args.batch), "nfe": sampler.nfe,
-            "dynamo_graphs": dynamo_graphs()}
+            "dynamo_graphs": dynamo_graphs(), "cuda_graphs": graphs}
 
 
 # --- reference side -----------------------------------------------------------------------------------------
@@ -682,6 +692,8 @@ def main() -> None:
                    help="contgen compiled variants, comma-separated from tit (the TiT's own compile_blocks, the "
                         "default), blocks (Module.compile per block), full (the whole denoiser)")
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                   help="contgen sampling: replay the solver loop as a CUDA graph (module.cuda_graphs)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--warmup", type=int, default=3, help="training warm-up steps")
     p.add_argument("--compile-warmup", type=int, default=2, help="extra warm-up steps where anything is compiled")

@@ -43,8 +43,9 @@ import warnings
 
 import torch
 
-from contgen.transport.solvers import CFGDenoiser
+from contgen.transport.solvers import CFGDenoiser, replay_or_call
 from contgen.transport.transports import ShortcutLinear, expand_time
+from contgen.utils import cuda_graphs
 
 LEVEL_ASSIGNMENTS = ("deterministic", "random_uniform")
 
@@ -116,6 +117,7 @@ class ShortcutObjective:
         self.world_size, self.rank = 1, 0
         self._layouts: dict = {}
         self._level_tensors: dict = {}
+        self._graphs = cuda_graphs.GraphCache()  # the half steps, see :meth:`_half_steps`
 
     # -- layout ------------------------------------------------------------------------------------------------
     def setup(self, batch_size: int, world_size: int = 1, rank: int = 0) -> None:
@@ -202,6 +204,19 @@ class ShortcutObjective:
     def _clip(self, v: torch.Tensor) -> torch.Tensor:
         return v if self.clip_value is None else v.clamp(-self.clip_value, self.clip_value)
 
+    def _half_steps(self, teacher, cfg_rows: int, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                    level: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(F1, F2) stacked: the two chained half steps of size d/2 at level ℓ + 1 (targets_shortcut.py:40-68). A
+        pure function of its tensors and the teacher's weights: under ``module.cuda_graphs`` in training on one GPU
+        (or DDP) the two small no-grad passes (B/8 rows plus the CFG rows) replay as one CUDA graph, since at that
+        row count their launches, not their FLOPs, set the time (bench/README, Shortcut)."""
+        d = torch.exp2(-level.to(torch.float32))  # the reference's dt = 1 / 2^dt_base
+        half = expand_time(d / 2, x_t).to(x_t.dtype)
+        F1 = self._half_step_velocity(teacher, x_t, t, y, level + 1, cfg_rows, mask)
+        x_t2 = self._clip(x_t - half * F1)
+        F2 = self._half_step_velocity(teacher, x_t2, t - d / 2, y, level + 1, cfg_rows, mask)
+        return torch.stack([F1, F2])
+
     @torch.no_grad()
     def targets(self, teacher, x: torch.Tensor, y: torch.Tensor, draws: dict) -> dict:
         """The merged batch (bootstrap rows first): ``x_t``, contgen time ``t``, ``level``, labels ``y``, ``target``
@@ -213,7 +228,6 @@ class ShortcutObjective:
         if self.cfg_scale == 0:  # unconditional: every label is the null class (train.py:214-215)
             y = torch.full_like(y, teacher.num_classes)
         xb, yb = x[:rows], y[:rows]
-        d = torch.exp2(-level.to(torch.float32))  # the reference's dt = 1 / 2^dt_base
         t = 1 - draws["s_boot"]
         x_t = tr.interpolate(xb, draws["z_boot"], t)
         if self.bootstrap_cfg and self.cfg_scale != 0:
@@ -224,10 +238,9 @@ class ShortcutObjective:
             cfg_rows = rows if levels is None else levels.count(L - 1)
         else:
             mask, cfg_rows = None, 0
-        half = expand_time(d / 2, xb).to(x.dtype)
-        F1 = self._half_step_velocity(teacher, x_t, t, yb, level + 1, cfg_rows, mask)
-        x_t2 = self._clip(x_t - half * F1)
-        F2 = self._half_step_velocity(teacher, x_t2, t - d / 2, yb, level + 1, cfg_rows, mask)
+        F1, F2 = replay_or_call(self._graphs, functools.partial(self._half_steps, teacher, cfg_rows),
+                                getattr(teacher, "module", teacher),
+                                dict(x_t=x_t, t=t, y=yb, level=level, mask=mask), ("half_steps", cfg_rows))
         target_b = self._clip((F1 + F2) / 2)
 
         xf, yf = x[rows:], y[rows:]
@@ -305,7 +318,8 @@ class ShortcutSampler:
     unconditional models); otherwise v_unc + w·(v_c − v_unc), cond and uncond in one pass of 2B rows. Explicit
     guidance is right only at N = M, the plain flow model (the reference's "cfg" evaluation, L223-229): the levels
     below were trained on undropped labels and, with ``bootstrap_cfg``, already carry the guidance, so a warning
-    says so for N < M.
+    says so for N < M. The loop is deterministic: on a GPU under ``module.cuda_graphs`` it replays as one CUDA graph
+    per shape (:func:`~contgen.transport.solvers.replay_or_call`).
     """
 
     def __init__(self, steps: int = 1, denoise_timesteps: int = 128, cfg_scale: float = 1.0,
@@ -326,6 +340,7 @@ class ShortcutSampler:
                           "and, with bootstrap_cfg, already carry the distilled guidance", stacklevel=2)
         self.steps, self.denoise_timesteps, self.cfg_scale = steps, denoise_timesteps, float(cfg_scale)
         self.transport = ShortcutLinear()
+        self._graphs = cuda_graphs.GraphCache()
 
     @property
     def num_iter(self) -> int:
@@ -340,7 +355,12 @@ class ShortcutSampler:
         if self.cfg_scale == 0.0:
             y = torch.full((noise.shape[0],), net.num_classes, dtype=torch.long, device=noise.device)
         cfg = CFGDenoiser(net, self.cfg_scale)
-        return shortcut_euler(functools.partial(cfg, guide=cfg.enabled), noise, y, self.steps, self.transport)
+        guided = functools.partial(cfg, guide=cfg.enabled)
+
+        def loop(noise, y=None):
+            return shortcut_euler(guided, noise, y, self.steps, self.transport)
+
+        return replay_or_call(self._graphs, loop, net, dict(noise=noise, y=y), ("shortcut",))
 
     def __repr__(self) -> str:
         return f"ShortcutSampler(steps={self.steps}, M={self.denoise_timesteps}, cfg={self.cfg_scale})"

@@ -13,18 +13,23 @@ Design (contgen rules):
   The F -> (x̂, ẑ) conversion is done in float64 from the upcast network output (the reference does it in
   float32, L207-208; the difference is fp32 rounding, see the parity tests).
 - Every fresh noise draw takes the caller's ``torch.Generator`` (or a ``noise_fn`` hook used by the parity
-  tests to replay the reference's recorded draws).
+  tests to replay the reference's recorded draws). The draws are made before the loop, in the loop's order (the
+  network draws nothing), so the loop is a pure function of (noise, labels, draws): on a GPU under
+  ``module.cuda_graphs`` it replays as one CUDA graph per shape (:func:`replay_or_call`), with the same numbers.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
 from contgen.transport.transports import Transport, build_transport
+from contgen.utils import cuda_graphs
 
 RETURN_MODES = ("last_xhat", "final_x", "stack")
 
@@ -122,6 +127,20 @@ class CFGDenoiser:
 # ------------------------------------------------------------------------------------------------------
 # Shared machinery
 # ------------------------------------------------------------------------------------------------------
+def replay_or_call(cache: cuda_graphs.GraphCache, loop: Callable[..., torch.Tensor], net, inputs: dict,
+                   key: tuple) -> torch.Tensor:
+    """``loop(**inputs)``: a sampling loop that reads only ``inputs`` and ``net``'s parameters. Replayed from
+    ``cache`` as a CUDA graph when graphs are active for these tensors (``cuda_graphs.enabled``, CUDA, no grad) and
+    ``net`` is a Module (its tensors are what a replay reads); else called as is. ``None`` inputs stay out of the
+    graph and reach ``loop`` as None. At bench sizes the loop is compute-bound and a graph saves only the host's
+    launch work; at small batches (tokens, previews) the launches are the cost."""
+    names = tuple(k for k, v in inputs.items() if v is not None)
+    tensors = tuple(inputs[k] for k in names)
+    if not (isinstance(net, nn.Module) and cuda_graphs.active(*tensors)):
+        return loop(**inputs)
+    return cache.run(lambda *a: loop(**dict(zip(names, a))), tensors, (*key, names), net)
+
+
 def _host(fn, t: float) -> float:
     return float(fn(torch.tensor(t, dtype=torch.float64)))
 
@@ -179,6 +198,7 @@ class _GridSampler:
         self.return_x = return_x
         self.transport = build_transport(transport)
         self.grid = time_grid(self.num_intervals, self.time_dist_ctrl, self.rfba_gap_steps)
+        self._graphs = cuda_graphs.GraphCache()  # the sampling loop per (net, shape, dtype), see replay_or_call
 
     @property
     def num_intervals(self) -> int:
@@ -319,13 +339,22 @@ class UCGMSampler(_GridSampler):
         if noise_fn is None:
             def noise_fn(shape):
                 return torch.randn(shape, generator=generator, device=noise.device, dtype=dtype)
+        # ρ > 0 draws at every step, as the reference, so recorded draws line up one to one (even where α(t') = 0
+        # or the order-2 correction overwrites x'); all drawn here, in step order
+        draws = [noise_fn(noise.shape) for rho in self._rho if rho > 0]
         cfg = self._cfg(net)
-        nodes = self._nodes(dtype, cfg)
-        kappa = self.extrapol_ratio
+        loop = functools.partial(self._loop, cfg, self._nodes(dtype, cfg))
+        return replay_or_call(self._graphs, loop, net,
+                              dict(noise=noise, y=y, eps=torch.stack(draws) if draws else None), ("ucgm",))
 
+    def _loop(self, cfg: CFGDenoiser, nodes: list[_Node], noise: torch.Tensor, y: torch.Tensor | None = None,
+              eps: torch.Tensor | None = None) -> torch.Tensor:
+        """The solver from ``noise`` at t = 1; ``eps`` (one draw per interval with ρ > 0) re-noises in order."""
+        dtype, kappa = noise.dtype, self.extrapol_ratio
         x = noise.to(torch.float64)
         stack, prev = [], None
         x_hat_raw = None
+        k = 0  # the next unused draw
         for i in range(self.num_intervals):
             cur, nxt = nodes[i], nodes[i + 1]
             x_hat, z_hat = self._evaluate(cfg, x, cur, y, dtype)
@@ -339,12 +368,12 @@ class UCGMSampler(_GridSampler):
                     x_hat = x_hat + kappa * (x_hat - prev[0])
                     z_hat = z_hat + kappa * (z_hat - prev[1])
                 prev = raw
-            # stochastic re-noise (L418-430); ρ > 0 draws at every step, as the reference, so recorded draws
-            # line up one to one (even where α(t') = 0 or the order-2 correction overwrites x').
+            # stochastic re-noise (L418-430)
             rho = self._rho[i]
             if rho > 0:
-                eps = noise_fn(noise.shape).to(torch.float64)
-                x_next = nxt.g_path * x_hat + nxt.a_path * (z_hat * (1 - rho) ** 0.5 + eps * rho**0.5)
+                e = eps[k].to(torch.float64)
+                k += 1
+                x_next = nxt.g_path * x_hat + nxt.a_path * (z_hat * (1 - rho) ** 0.5 + e * rho**0.5)
             else:
                 x_next = nxt.g_path * x_hat + nxt.a_path * z_hat
             # second-order correction in ε-space (L432-447): x' = x·γ(t')/γ(t) + (α(t') − γ(t')α(t)/γ(t))·ẑ̄
@@ -395,9 +424,13 @@ class EulerSampler(_GridSampler):
     @torch.no_grad()
     def __call__(self, net, noise: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator | None = None,
                  noise_fn=None) -> torch.Tensor:
-        dtype = noise.dtype
         cfg = self._cfg(net)
-        nodes = self._nodes(dtype, cfg, derivatives=True)
+        loop = functools.partial(self._loop, cfg, self._nodes(noise.dtype, cfg, derivatives=True))
+        return replay_or_call(self._graphs, loop, net, dict(noise=noise, y=y), ("euler",))
+
+    def _loop(self, cfg: CFGDenoiser, nodes: list[_Node], noise: torch.Tensor,
+              y: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = noise.dtype
         x = noise.to(torch.float64)
         stack, x_hat = [], None
         n = self.num_intervals

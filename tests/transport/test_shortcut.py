@@ -211,3 +211,33 @@ def test_loss_is_one_plain_mean_and_logs_per_level():
     for lv in range(L + 1):
         assert torch.allclose(logs[f"loss_level{lv}"], per_row[tg["level"] == lv].mean())
     assert math.isfinite(float(logs["target_rms_bootstrap"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_half_steps_replayed_as_a_cuda_graph_equal_eager():
+    """Under ``cuda_graphs.enabled`` (TransportModule.training_step) the two no-grad half steps replay as one CUDA graph:
+    the step's targets and loss equal the eager ones for the same draws, on the capture and on a later replay after an
+    in-place weight update (the EMA's lerp). Same kernels on the same shapes: bitwise expected; the fp32 tolerance
+    (1e-5) only admits a cuBLAS algorithm chosen differently under capture."""
+    from contgen.backbones.dit import ShortcutDiT
+    from contgen.utils import cuda_graphs
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    net = ShortcutDiT(8, 4, 10, patch_size=2, hidden_size=64, depth=2, num_heads=2).to(dev)
+    for p in net.parameters():  # adaLN-Zero: no all-zero outputs
+        p.data.normal_(0, 0.02) if not p.any() else None
+    obj = ShortcutObjective(denoise_timesteps=8, bootstrap_every=4, bootstrap_cfg=True)
+    teacher = Teacher(net, policy="online")
+    x, y = torch.randn(32, 4, 8, 8, device=dev), torch.randint(0, 10, (32,), device=dev)
+    for seed in (1, 2):  # capture, then replay on new draws and updated weights
+        draws = obj.draw(x, torch.Generator(dev).manual_seed(seed))
+        eager = obj.targets(teacher, x, y, draws)
+        with cuda_graphs.enabled(True):
+            graphed = obj.targets(teacher, x, y, draws)
+        torch.testing.assert_close(graphed["target"], eager["target"], rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(0.99)
+    assert len(obj._graphs) == 1

@@ -71,7 +71,10 @@ reference as said above; ``case`` runs each (case, side, batch, compile) in a fr
 Output: one JSON line per (case, side, compile) with the GPU, versions, commits, mean / median step or batch time,
 img/s or s/img, peak GiB; then ``side: "ratio"`` lines: contgen ÷ reference throughput (``speedup_same_precision``,
 with ``peak_gib_ratio``) per case, and ``case: "shortcut_over_flow_b<B>"`` lines with the step-time ratios
-train_shortcut / train_flow (each side) and / train_flow_sit (contgen).
+train_shortcut / train_flow (each side) and / train_flow_sit (contgen). Each timing row also carries
+``model_gflop_per_img`` (one forward by ``torch.utils.flop_counter`` on the meta device, 46.0 GFLOP at DiT-B/2, times
+3 for forward + backward plus 2 × (bootstrap + CFG rows) / B for the half steps; sampling: × steps), ``model_tflop_s``
+and ``mfu_bf16_peak`` (÷ 989 TFLOP/s, H100/H200 SXM dense bf16).
 
 Adding a case: an entry in ``CASES`` (``kind``, the ``sides`` that have it, its settings) and, for a new kind, a
 runner in ``RUNNERS`` keyed by (side, kind) returning the result dict (e.g. the MAR-B shortcut-head sampling).
@@ -104,7 +107,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing contgen
 from mar_ear import environment  # noqa: E402  (bench/ is on sys.path as the script's folder)
 from reference import commit_of  # noqa: E402
 from timing import Timer, summarize  # noqa: E402
-from ucgm import PhaseClock, dynamo_graphs, free, timed_sampling, timed_training, with_memory_ratios  # noqa: E402
+from ucgm import (PhaseClock, dynamo_graphs, forward_gflop, free, timed_sampling, timed_training,  # noqa: E402
+                  with_memory_ratios, with_mfu)
 
 NUM_CLASSES, IN_CHANNELS = 1000, 4
 DIT_B = dict(input_size=32, hidden_size=768, depth=12, num_heads=12, patch_size=2, mlp_ratio=4.0)  # README DiT-B
@@ -145,6 +149,8 @@ def build_contgen_net(kind: str, tiny: bool, device: torch.device, seed: int) ->
     with torch.device(device):
         net = cls(s["input_size"], IN_CHANNELS, NUM_CLASSES, patch_size=s["patch_size"], hidden_size=s["hidden_size"],
                   depth=s["depth"], num_heads=s["num_heads"], mlp_ratio=s["mlp_ratio"])
+    if device.type == "meta":  # shapes only (forward_gflop)
+        return net
     with torch.no_grad():
         for p in net.parameters():
             if p.requires_grad and not p.any():
@@ -746,6 +752,9 @@ def main() -> None:
             child(items, label)
     else:
         cache: dict = {}
+        meta = torch.device("meta")
+        fwd_gflop = {kind: forward_gflop(lambda: build_contgen_net(kind, args.tiny, meta, args.seed), kind == "shortcut")
+                     for kind in ("shortcut", "sit")}
         for case, side, batch, scope in todo:
             spec = CASES[case]
             base = {"case": f"{case}_b{batch}", "base_case": case, "side": side, "precision": PRECISION,
@@ -768,6 +777,11 @@ def main() -> None:
                 traceback.print_exc()
                 res = {"error": f"{type(e).__name__}: {e}"[:500]}
             res["wall_s"] = round(time.perf_counter() - t0, 1)
+            # forward units per image: fwd + bwd (3), plus the two half steps on the bootstrap and CFG rows; sampling
+            # one per step (no CFG)
+            passes = (3 + 2 * (res.get("bootstrap_rows", 0) + res.get("cfg_rows", 0)) / batch
+                      if spec["kind"] == "train" else spec["steps"])
+            with_mfu(res, fwd_gflop[spec.get("net", "shortcut")] * passes, batch)
             emit({**base, **res})
             free()
     if not args.child:

@@ -79,6 +79,11 @@ the solver's loop is captured as one CUDA graph per shape on an untimed run of t
 (``contgen/transport/solvers.py`` ``replay_or_call``; same draws, same samples as eager); ``off`` runs it eagerly.
 Each contgen sampling row records ``cuda_graphs``.
 
+Model FLOPs: every timing row carries ``model_gflop_per_img`` (one TiT forward counted by ``torch.utils.flop_counter`` on
+the meta device, 237.2 GFLOP at XL/2, times the passes of the case: ``TRAIN_PASSES`` for training, the NFE for
+sampling; the same work on both sides), ``model_tflop_s`` and ``mfu_bf16_peak`` (÷ 989 TFLOP/s, H100/H200 SXM dense
+bf16; fp32 rows use the same denominator so they compare).
+
 Processes (``--isolate``): ``case`` (default) runs each (case, side, precision, compile) in a fresh process;
 ``side`` runs all cases of one (side, compile) in one process (each case rebuilds its nets; compiled graphs are
 reused, which saves the device time of compiling each mode again); ``none`` runs everything here.
@@ -135,6 +140,10 @@ CASES = {
 }
 COMMON_OBJECTIVE = dict(lab_drop_ratio=0.1, enhanced_range=(0.0, 0.75))  # both configs; weight Cosine
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
+# network passes per image of a training step in forward units (a backward costs 2), the same on both sides:
+# online fwd + bwd, the teacher, and (few-step) the two no-grad passes at t ± ε
+TRAIN_PASSES = {"train_multi": 3 + 1, "train_few": 3 + 1 + 2}
+PEAK_BF16_TFLOPS = 989.0  # H100 / H200 SXM dense bf16: the MFU denominator (fp32/TF32 rows too, to compare)
 
 
 # --- shared -------------------------------------------------------------------------------------------------
@@ -156,6 +165,8 @@ def build_contgen_tit(tiny: bool, device: torch.device, seed: int, state: dict |
     if state is not None:
         net.load_state_dict(state, strict=True)
         return net
+    if device.type == "meta":  # shapes only (forward_gflop)
+        return net
     with torch.no_grad():
         for p in net.parameters():
             if p.requires_grad and not p.any():
@@ -170,6 +181,32 @@ def batch_data(tiny: bool, batch: int, device: torch.device, seed: int):
     x = torch.randn(batch, IN_CHANNELS, s["input_size"], s["input_size"], generator=g, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g, device=device)
     return x, y
+
+
+def forward_gflop(build, level: bool = False) -> float:
+    """GFLOP per image of one forward of ``build()`` (a net made on the meta device, so nothing is computed):
+    ``torch.utils.flop_counter`` (matmuls and attention; 2 FLOPs per multiply-add) at batch 2; ``level``: a
+    Shortcut net's step-level input."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = build()
+        s = net.x_embedder.input_size
+        x, t, y = torch.empty(2, IN_CHANNELS, s, s), torch.empty(2), torch.zeros(2, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            net(x, t, y, **({"level": torch.zeros(2, dtype=torch.long)} if level else {}))
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def with_mfu(res: dict, gflop_per_img: float, batch: int) -> dict:
+    """Add the achieved model TFLOP/s and its fraction of the bf16 peak to a timing row (from the unrounded
+    batch / step time)."""
+    sec = res.get("step_s") or res.get("batch_s")
+    if sec:
+        tflops = gflop_per_img * batch / sec / 1e3
+        res.update(model_gflop_per_img=float(f"{gflop_per_img:.4g}"), model_tflop_s=float(f"{tflops:.4g}"),
+                   mfu_bf16_peak=float(f"{tflops / PEAK_BF16_TFLOPS:.3g}"))
+    return res
 
 
 def free() -> None:
@@ -801,6 +838,7 @@ def main() -> None:
         state = {k: v.detach().cpu().clone() for k, v in state.items()}  # every case starts from these weights
         free()
         ref_cache: dict = {}
+        fwd_gflop = forward_gflop(lambda: build_contgen_tit(args.tiny, torch.device("meta"), args.seed))
         for case, side, prec, scope in todo:
             spec = CASES[case]
             base = {"case": case, "side": side, "precision": prec, "compile": scope or False, **env,
@@ -819,6 +857,9 @@ def main() -> None:
                 traceback.print_exc()
                 res = {"error": f"{type(e).__name__}: {e}"[:500]}
             res["wall_s"] = round(time.perf_counter() - t0, 1)
+            passes = TRAIN_PASSES.get(case) or res.get("nfe")  # sampling: one forward per NFE, no CFG
+            if passes:
+                with_mfu(res, fwd_gflop * passes, args.batch)
             emit({**base, **res})
             free()
     for r in ([] if args.child else with_memory_ratios(rows)):

@@ -13,17 +13,19 @@ import os
 from typing import Callable
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from contgen.modules.base import GenerativeModule
 from contgen.tokenizers.base import patchify, unpatchify
+from contgen.utils import cuda_graphs
 
 
 class TransportModule(GenerativeModule):
     def __init__(self, tokenizer: nn.Module, denoiser: Callable[..., nn.Module], objective, sampler, num_classes: int,
                  optim: dict, seed: int = 0, compile: bool = False, sample_precision: str = "auto",
-                 init_ckpt: str | None = None, config: dict | None = None):
-        super().__init__(tokenizer, num_classes, optim, seed, sample_precision, config)
+                 init_ckpt: str | None = None, config: dict | None = None, cuda_graphs: bool = True):
+        super().__init__(tokenizer, num_classes, optim, seed, sample_precision, config, cuda_graphs)
         h, w = tokenizer.grid
         if h != w:
             raise ValueError(f"the transport family needs a square token grid, the tokenizer gives {tokenizer.grid}")
@@ -135,7 +137,12 @@ class TransportModule(GenerativeModule):
         x = self.latents(self.tokens_from_batch(batch, g))
         if self.teacher is not None:  # the reference updates its teacher at the start of a step (unigen.py:241-244)
             self.teacher.update(self.net.denoiser)
-        loss, logs = self.objective.loss(self.net.denoiser, x, batch["label"], generator=g, teacher=self.teacher)
+        # an objective's no-grad passes of fixed shape (Shortcut's half steps) may replay as CUDA graphs; not under
+        # FSDP, whose sharded forward gathers weights with collectives a graph cannot hold
+        trainer = self._trainer
+        graphs = self.cuda_graphs and not (trainer is not None and isinstance(trainer.strategy, FSDPStrategy))
+        with cuda_graphs.enabled(graphs):
+            loss, logs = self.objective.loss(self.net.denoiser, x, batch["label"], generator=g, teacher=self.teacher)
         logs.pop("loss", None)
         self.log_loss(loss, logs)
         return loss

@@ -13,6 +13,7 @@ from torch import nn
 
 from contgen.heads.gaussian_diffusion import GaussianDiffusion, make_betas, respace_betas, space_timesteps
 from contgen.nn import AdaLNMLP, timestep_embedding
+from contgen.utils import cuda_graphs
 
 
 def _mean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -99,6 +100,7 @@ class DiffusionHead(nn.Module):
         kept = space_timesteps(num_train_steps, int(num_sampling_steps))  # MAR passes the string "100"
         self.sample_diffusion = GaussianDiffusion(respace_betas(betas, kept), kept)
         self.last_metrics: dict[str, torch.Tensor] = {}
+        self._graphs = cuda_graphs.GraphCache()
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -132,14 +134,30 @@ class DiffusionHead(nn.Module):
         [x; x], guides ε = ε_u + cfg·(ε_c − ε_u) and keeps the cond half's variance. MAR carries both halves
         but its ``forward_with_cfg`` reads only the first half of x and ``sample_tokens`` returns only that
         half (diffloss.py:240-248, mar.py:320-322), so tracking the N cond rows alone gives the same samples.
+
+        All the noise (x_T, then one draw per step but the last) is drawn first, in that order, so the loop is a
+        pure function of it: on a GPU under ``module.cuda_graphs`` it replays as one CUDA graph per row count
+        (``contgen/utils/cuda_graphs.py``), with the same draws as the eager loop.
         """
         rows = z.shape[0]
         n = rows if cfg is None else rows // 2
         if cfg is not None and rows % 2:
             raise ValueError(f"head.sample: with cfg, z must be [z_cond; z_uncond] with an even row count, got {rows}")
-        diffusion = self.sample_diffusion
-        x = torch.randn((n, self.token_dim), generator=generator, device=z.device, dtype=torch.float32)
-        for i in reversed(range(diffusion.num_steps)):
+        steps = self.sample_diffusion.num_steps
+        noise = torch.stack([torch.randn((n, self.token_dim), generator=generator, device=z.device,
+                                         dtype=torch.float32) for _ in range(steps)])
+        if not cuda_graphs.active(z):
+            return self._denoise(noise, z, temperature, cfg)
+        if cfg is None:
+            return self._graphs.run(self._denoise, (noise, z, temperature), ("unguided",), self)
+        return self._graphs.run(self._denoise, (noise, z, temperature, cfg), ("guided",), self)
+
+    def _denoise(self, noise: torch.Tensor, z: torch.Tensor, temperature: float | torch.Tensor,
+                 cfg: float | torch.Tensor | None = None) -> torch.Tensor:
+        """The loop from x_T = noise[0], injecting noise[k] after step k (numbers, or 0-d tensors in a graph)."""
+        diffusion, rows, n = self.sample_diffusion, z.shape[0], noise.shape[1]
+        x = noise[0]
+        for k, i in enumerate(reversed(range(diffusion.num_steps))):
             t = diffusion.timesteps[i].expand(rows)
             out = self.net(x if cfg is None else torch.cat([x, x]), t, z).float()
             eps, v = out.chunk(2, dim=-1)
@@ -148,6 +166,5 @@ class DiffusionHead(nn.Module):
                 eps, v = eps_u + cfg * (eps_c - eps_u), v[:n]
             x, log_var = diffusion.p_mean_variance(eps, v, x, i, self.clip_denoised)
             if i > 0:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-                x = x + temperature * torch.exp(0.5 * log_var) * noise
+                x = x + temperature * torch.exp(0.5 * log_var) * noise[k + 1]
         return x

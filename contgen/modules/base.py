@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from contgen.modules.optim import param_groups, warmup_then
+from contgen.utils import cuda_graphs
 from contgen.utils.ema import EMA
 from contgen.utils.precision import check_sample_precision, sampling_autocast
 
@@ -46,10 +47,13 @@ class GenerativeModule(L.LightningModule):
     :meth:`setup_training`."""
 
     def __init__(self, tokenizer: nn.Module, num_classes: int, optim: dict, seed: int = 0,
-                 sample_precision: str = "auto", config: dict | None = None):
+                 sample_precision: str = "auto", config: dict | None = None, cuda_graphs: bool = True):
         super().__init__()
         self.optim = check_optim(optim)
         self.sample_precision = check_sample_precision(sample_precision)
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"module.cuda_graphs must be true or false, got {cuda_graphs!r}")
+        self.cuda_graphs = cuda_graphs
         self.tokenizer, self.num_classes = tokenizer, num_classes
         self.seed, self.config = seed, config or {}
         # flags set on the device and read on the host only every log interval (no sync per step)
@@ -212,7 +216,7 @@ class GenerativeModule(L.LightningModule):
         was_training = net.training
         net.eval()
         try:
-            with sampling_autocast(self.sample_precision, self.device):
+            with sampling_autocast(self.sample_precision, self.device), cuda_graphs.enabled(self.cuda_graphs):
                 images = self.tokenizer.decode(sample_tokens())
         finally:
             net.train(was_training)

@@ -37,20 +37,15 @@ class TokenARModule(GenerativeModule):
     def __init__(self, tokenizer: nn.Module, backbone: Callable[..., nn.Module], head: Callable[..., nn.Module],
                  sampler: MaskedARSampler, num_classes: int, optim: dict, mask_ratio_min: float = 0.7,
                  mask_ratio: str = "truncnorm", seed: int = 0, compile: bool = False, sample_precision: str = "auto",
-                 config: dict | None = None):
-        super().__init__(tokenizer, num_classes, optim, seed, sample_precision, config)
+                 config: dict | None = None, cuda_graphs: bool = True):
+        super().__init__(tokenizer, num_classes, optim, seed, sample_precision, config, cuda_graphs)
         self.mask_ratio = make_mask_ratio(mask_ratio, low=mask_ratio_min)  # checked before anything is built
         self.net = self.build_net(tokenizer, backbone, head, num_classes)
         self.setup_training()
         self.sampler = sampler
         self.check_sampler(sampler)  # before training
         if compile:
-            # Only what has static shapes: the blocks over the full sequence (MAR's decoder, EAR's stack; L + buffer
-            # tokens) and the head MLP (rows vary with the mask ratio: dynamic). MAR's encoder sees L − num_masked
-            # tokens; with a symbolic length Inductor (torch 2.11) fails on its LayerNorm backward, so it stays eager.
-            for block in self.net.backbone.decoder_blocks:
-                block.compile()
-            self.net.head.net.compile(dynamic=True)
+            self.compile_nets()
 
     def build_net(self, tokenizer: nn.Module, backbone: Callable[..., nn.Module], head: Callable[..., nn.Module],
                   num_classes: int) -> nn.ModuleDict:
@@ -90,6 +85,24 @@ class TokenARModule(GenerativeModule):
                    sampler=instantiate(cfg.sampler), num_classes=num_classes,
                    optim=OmegaConf.to_container(cfg.optim, resolve=True), seed=cfg.seed,
                    config=OmegaConf.to_container(cfg, resolve=True), **knobs)
+
+    def compile_nets(self) -> None:
+        """``module.compile``: torch.compile what has static shapes, in the trained net and in the EMA copy that samples.
+
+        Training: the blocks over the full sequence (MAR's decoder, EAR's stack; L + buffer tokens), MAR's encoder padded
+        to the most slots the mask ratio leaves visible (``encoder_len``: a symbolic length fails Inductor's LayerNorm
+        backward in torch 2.11), the head MLP with a dynamic row count. Sampling (no gradients): the same blocks, the
+        encoder with a dynamic length (it grows every step), the head MLP (captured inside the head's CUDA graphs).
+        """
+        bb = self.net.backbone
+        if hasattr(bb, "encoder_len"):
+            bb.encoder_len = bb.buffer_size + bb.seq_len - self.mask_ratio.min_masked(bb.seq_len)
+        for net, sampling in ((self.net, False), (self.ema.shadow, True)):
+            for block in getattr(net.backbone, "encoder_blocks", []):
+                block.compile(dynamic=sampling or None)
+            for block in net.backbone.decoder_blocks:
+                block.compile()
+            net.head.net.compile(dynamic=True)
 
     def check_sampler(self, sampler: MaskedARSampler) -> None:
         if not hasattr(sampler, "num_iter"):

@@ -318,3 +318,20 @@ def test_bf16_autocast_on_cpu_gives_finite_fp32():
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert samples.shape == (6, 3) and samples.dtype == torch.float32 and torch.isfinite(samples).all()
+
+
+def test_the_graphed_loop_takes_tensor_scalars_and_equals_the_eager_numbers():
+    """What a CUDA graph replays (``_denoise`` on pre-drawn noise, τ and cfg as 0-d tensors) gives bit for bit what the
+    eager call with numbers gives; ``sample`` draws x_T and then each step's noise in the eager loop's order (the
+    reference's order too: tests/parity replay the reference's draws through it)."""
+    head = _perturb(_small_head())
+    z = torch.randn(2, 7, 8, generator=_gen(8)).flatten(0, 1)
+    noise = torch.randn(head.sample_diffusion.num_steps, 7, 3, generator=_gen(9))
+    for cfg in (None, 2.9):
+        numbers = head._denoise(noise, z if cfg else z[:7], 0.8, cfg)
+        tensors = head._denoise(noise, z if cfg else z[:7], torch.tensor(0.8), None if cfg is None else torch.tensor(cfg))
+        assert torch.equal(numbers, tensors)
+    g = _gen(3)
+    drawn = torch.stack([torch.randn(7, 3, generator=g) for _ in range(head.sample_diffusion.num_steps)])
+    torch.testing.assert_close(head.sample(z, 0.8, 2.9, generator=_gen(3)), head._denoise(drawn, z, 0.8, 2.9),
+                               rtol=0, atol=0)

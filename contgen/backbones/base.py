@@ -95,11 +95,12 @@ class MaskedTokenBackbone(nn.Module):
         if not 0 <= num_masked <= self.seq_len:
             raise ValueError(f"num_masked must be in [0, {self.seq_len}], got {num_masked}")
 
-    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        """Apply ``blocks`` in turn, with activation checkpointing when enabled and grads are on."""
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply ``blocks`` in turn (``keys``: the attendable slots, see ``Attention``), with activation checkpointing
+        when enabled and grads are on."""
         for block in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, keys=keys, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, keys=keys)
         return x

@@ -7,6 +7,11 @@ shape instead of the reference's ``nonzero`` (no host sync, compiles). The visib
 so the encoder sees them in the reference's (positional) order. The buffer slots are never masked.
 Tokens are (B, L, token_dim) or, with ``vocab_size``, ids (B, L) (``z_proj`` an embedding; MAR Table 1's
 cross-entropy cells). Only visible tokens are read, so a masked position's value cannot reach z.
+
+``encoder_len`` (set by ``module.compile``): in training the encoder's sequence is padded to this many slots, which
+the pad slots cannot be attended from, so its shape is the same every step and the compiled encoder never recompiles
+(one ratio per batch makes the visible count vary from step to step; a symbolic length fails Inductor's LayerNorm
+backward in torch 2.11). The pad slots cost ≈ 5% more FLOPs in MAR-B; the result changes only by rounding.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class MARBackbone(MaskedTokenBackbone):
                                       attn_dropout, proj_dropout)
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, decoder_embed_dim))
+        self.encoder_len: int | None = None
         self.init_weights()
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, num_masked: int,
@@ -71,8 +77,14 @@ class MARBackbone(MaskedTokenBackbone):
         x = self.z_proj(torch.gather(tokens, 1, index))
         pos = self.encoder_pos_embed_learned[0]
         cond = self.condition_tokens(labels, drop).to(x.dtype)
-        x = torch.cat([cond + pos[:buf], x + pos[buf:][visible]], dim=1)
-        x = self.encoder_norm(self.run_blocks(self.encoder_blocks, self.z_proj_ln(x)))
+        x = self.z_proj_ln(torch.cat([cond + pos[:buf], x + pos[buf:][visible]], dim=1))
+        n, keys = x.shape[1], None
+        if self.encoder_len is not None and torch.is_grad_enabled():
+            if n > self.encoder_len:
+                raise ValueError(f"MARBackbone.encoder_len={self.encoder_len} < the {n} encoder slots of this step")
+            keys = torch.arange(self.encoder_len, device=x.device) < n
+            x = nn.functional.pad(x, (0, 0, 0, self.encoder_len - n))
+        x = self.encoder_norm(self.run_blocks(self.encoder_blocks, x, keys))[:, :n]
 
         # decoder: full sequence, mask_token where nothing was encoded
         x = self.decoder_embed(x)

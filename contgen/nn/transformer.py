@@ -32,13 +32,14 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, causal: bool = False, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pos: torch.Tensor | None = None) -> torch.Tensor:
-        """``causal``: token i attends to tokens <= i. ``cache`` = (k, v), each (B, heads, S, head_dim), preallocated
+                pos: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """``keys`` (S,) bool: the slots that may be attended to (padding excluded); ``causal``: token i attends to
+        tokens <= i. ``cache`` = (k, v), each (B, heads, S, head_dim), preallocated
         and zero-filled: x holds the sequence slots ``pos`` (n,) (a device tensor: no host value, fixed shapes); their
         keys/values are written in place and x attends causally to every slot <= its own (the cache implies causal)."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        mask = None
+        mask = None if keys is None else keys[None]  # (1, S): every query alike
         if cache is not None:
             k_cache, v_cache = cache
             k, v = k_cache.index_copy_(2, pos, k), v_cache.index_copy_(2, pos, v)
@@ -68,7 +69,7 @@ class Block(nn.Module):
     """x + Attn(LN(x)); x + MLP(LN(x)) — timm ``Block`` with ``proj_drop`` applied after attention and MLP.
 
     ``norm_first=False`` is the post-norm layer of fairseq's ``TransformerDecoderLayer`` (``normalize_before``
-    False): x = LN(x + Attn(x)); x = LN(x + MLP(x)). ``causal`` / ``cache`` / ``pos``: see :class:`Attention`.
+    False): x = LN(x + Attn(x)); x = LN(x + MLP(x)). ``causal`` / ``cache`` / ``pos`` / ``keys``: see :class:`Attention`.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -82,9 +83,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, act_drop)
 
     def forward(self, x: torch.Tensor, causal: bool = False, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pos: torch.Tensor | None = None) -> torch.Tensor:
+                pos: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
         if not self.norm_first:
-            x = self.norm1(x + self.attn(x, causal, cache, pos))
+            x = self.norm1(x + self.attn(x, causal, cache, pos, keys))
             return self.norm2(x + self.mlp(x))
-        x = x + self.attn(self.norm1(x), causal, cache, pos)
+        x = x + self.attn(self.norm1(x), causal, cache, pos, keys)
         return x + self.mlp(self.norm2(x))

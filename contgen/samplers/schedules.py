@@ -37,6 +37,10 @@ class MaskRatio:
             raise ValueError(f"mask ratio lower bound must be in (0, 1], got {low}")
         self.dist = truncnorm((low - mean) / std, (1.0 - mean) / std, loc=mean, scale=std)
 
+    def min_masked(self, seq_len: int) -> int:
+        """A lower bound on :meth:`num_masked` (its count at u = 0, less one for the ppf's rounding)."""
+        return max(1, min(seq_len, math.ceil(seq_len * float(self.dist.ppf(0.0)))) - 1)
+
     def num_masked(self, seq_len: int, generator: torch.Generator | None = None) -> int:
         u = torch.rand((), generator=generator).item()  # CPU generator: no device sync
         return max(1, min(seq_len, math.ceil(seq_len * float(self.dist.ppf(u)))))
@@ -58,6 +62,9 @@ class CosineMaskCount:
     def num_masked(self, seq_len: int, generator: torch.Generator | None = None) -> int:
         u = torch.rand((), generator=generator).item()  # CPU generator: no device sync
         return min(seq_len, math.floor(seq_len * math.cos(u * math.pi / 2) + 1))
+
+    def min_masked(self, seq_len: int) -> int:
+        return 1
 
 
 MASK_RATIOS = {"truncnorm": MaskRatio, "cosine": CosineMaskCount}

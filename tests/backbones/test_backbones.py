@@ -236,3 +236,27 @@ def test_reference_pickled_args_need_opt_in(tmp_path):
     load_reference_mar(path, bb, head, allow_pickle=True)
     torch.testing.assert_close(bb.fake_latent, torch.load(REF_CKPT, weights_only=True)["model_ema"]["fake_latent"],
                                rtol=0, atol=0)
+
+
+def test_mar_padded_encoder_matches_the_exact_length():
+    """``encoder_len`` (module.compile's static encoder shape): pad slots are never attended, so z and every gradient
+    are the unpadded encoder's — in float64 to 1e-10 (the same math; in fp32 the kernels' rounding differs, ~1e-5
+    relative); in no-grad calls (sampling) nothing is padded."""
+    tokens, labels, order = inputs()
+    outs = []
+    for pad in (None, 4 + L):
+        torch.manual_seed(0)
+        m = tiny_mar(attn_dropout=0.0, proj_dropout=0.0).double()
+        m.encoder_len = pad
+        z = m(tokens.double(), labels, order, 9)
+        (z.square() * torch.linspace(0, 1, z.numel(), dtype=z.dtype).view_as(z)).sum().backward()
+        outs.append((z.detach(), [p.grad for p in m.parameters()]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=1e-10)
+    for g_pad, g in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(g_pad, g, rtol=0, atol=1e-10)
+    tokens = tokens.double()
+    m.encoder_len = 4 + 5
+    with pytest.raises(ValueError, match="encoder_len=9 < the 11 encoder slots"):
+        m(tokens, labels, order, 9)
+    with torch.no_grad():
+        assert torch.isfinite(m(tokens, labels, order, 9)).all()  # sampling: exact length

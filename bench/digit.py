@@ -41,17 +41,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from timing import Timer, environment  # noqa: E402
+from timing import Timer, bf16_peak, environment  # noqa: E402
 
 # dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name
-BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0),
-                    ("L40S", 362.0), ("A10G", 70.0)]
-
-
-def bf16_peak(name: str) -> float | None:
-    return next((tflops for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
-
-
 def sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 

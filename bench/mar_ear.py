@@ -5,7 +5,8 @@ Cases (random weights, fixed seeds; the KL-16 decoder has random weights too —
 the values):
 
 * ``mar_train``  MAR-B training step, batch 128, cached-latent input;
-* ``ear_train``  EAR-B training step, batch 32 (the EAR README's per-GPU batch);
+* ``ear_train``  EAR-B training step, batch 32 (the EAR README's per-GPU batch); ``ear_train128`` / ``ear_train256``:
+  batch 128 / 256 (256 is the memory question: does it fit one 80 GB GPU without activation checkpointing);
 * ``mar_sample`` MAR-B sampling, batch 256, 64 iterations, CFG 2.9 linear, temperature 1, 100 head steps,
   incl. the KL-16 decode; ``mar_sample256``: the same at 256 iterations (the README's FID setting);
 * ``ear_sample`` EAR-B sampling, batch 128, 64 iterations, CFG 3.0 linear, infer temperature 0.7, incl. decode.
@@ -16,9 +17,17 @@ for bf16; foreach for fp16 with a GradScaler, as ``configure_optimizers`` picks 
 foreach EMA — Lightning's loop itself is not in the timed region. Sampling is ``TokenARModule.generate`` at
 ``sample_precision`` (EMA weights). The reference side is described in ``bench/reference.py``.
 
-Protocol, both sides: ``--warmup`` training steps (more with ``--compile``) and one short sampling run
-(``--warmup-iter`` iterations, same batch, incl. decode) first; then ``--steps`` training steps or ``--repeats``
-sampling batches, each between two device synchronisations; mean and median are reported. Seeds are fixed.
+Protocol, both sides: ``--warmup`` training steps (more with ``--compile``) and one whole sampling batch (same
+batch, same iterations, incl. decode: contgen captures its CUDA graphs there; its wall time is reported as
+``first_batch_s``) first; then ``--steps`` training steps or ``--repeats`` sampling batches, each between two device
+synchronisations; mean and median are reported. Seeds are fixed. contgen's sampling runs with ``module.cuda_graphs``
+(``--graphs``: on, off or both) and, with ``--compile``, its compiled blocks.
+
+MFU (training): model FLOPs per image — the matmul and attention FLOPs of contgen's eager step (forward + backward,
+counted by ``torch.utils.flop_counter`` over the same 20 steps, so the same mask ratios; the head on the masked rows
+only, the encoder on the visible ones, no padding) — times img/s over the GPU's dense bf16 peak
+(``timing.BF16_PEAK_TFLOPS``). The same model FLOPs are used for the reference's row (it runs its head on every row
+and masks the loss, so it executes more than that).
 Each variant runs in a fresh process (``--isolate``, the default) so no variant inherits another's state.
 Global flags, identical for both sides: TF32 matmuls on, ``cudnn.benchmark`` on (as ``main_mar.py`` sets).
 
@@ -50,6 +59,8 @@ from timing import Timer, summarize  # noqa: E402  (bench/ is on sys.path as the
 CASES = {
     "mar_train": dict(method="mar", kind="train", batch=128),
     "ear_train": dict(method="ear", kind="train", batch=32),
+    "ear_train128": dict(method="ear", kind="train", batch=128),
+    "ear_train256": dict(method="ear", kind="train", batch=256),  # what fits on one 80 GB GPU
     "mar_sample": dict(method="mar", kind="sample", batch=256, num_iter=64, cfg=2.9, temperature=1.0),
     "mar_sample256": dict(method="mar", kind="sample", batch=256, num_iter=256, cfg=2.9, temperature=1.0),
     "ear_sample": dict(method="ear", kind="sample", batch=128, num_iter=64, cfg=3.0, temperature=0.7),
@@ -101,7 +112,8 @@ def build_contgen(method: str, compile: bool, tiny: bool, device: torch.device):
     return module.to(device)
 
 
-def contgen_train(module, batch: int, precision: str, warmup: int, steps: int, seed: int, device) -> dict:
+def contgen_train(module, batch: int, precision: str, warmup: int, steps: int, seed: int, device,
+                  count_flops: bool = False) -> dict:
     import warnings
 
     from contgen.modules.optim import param_groups
@@ -151,14 +163,26 @@ def contgen_train(module, batch: int, precision: str, warmup: int, steps: int, s
         timer.sync()
         timer.reset_peak()
         times = [timed(warmup + i) for i in range(steps)]
-    return {**summarize(times, batch, "step"), "peak_gib": timer.peak_gib()}
+        out = {**summarize(times, batch, "step"), "peak_gib": timer.peak_gib()}
+        if count_flops:  # model FLOPs, counted on the eager step (same steps, so the same mask ratios)
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                for i in range(steps):
+                    step(warmup + i)
+            out["model_gflop_per_img"] = round(counter.get_total_flops() / steps / batch / 1e9, 2)
+    return out
 
 
 @torch.no_grad()
 def contgen_sample(module, batch: int, num_iter: int, cfg: float, temperature: float, precision: str, repeats: int,
-                   warmup_iter: int, seed: int, device) -> dict:
-    """``module.generate`` (tokens + decode, under ``sample_precision``); the decoder is wrapped to record when
-    the tokens are done, which adds one synchronisation."""
+                   warmup_iter: int, seed: int, device, graphs: bool = True) -> dict:
+    """``module.generate`` (tokens + decode, under ``sample_precision``, with ``module.cuda_graphs`` = ``graphs``); the
+    decoder is wrapped to record when the tokens are done, which adds one synchronisation."""
+    if hasattr(module, "cuda_graphs"):
+        module.cuda_graphs = graphs
+    elif graphs:
+        raise ValueError("this contgen predates module.cuda_graphs: use --graphs off")
     from contgen.samplers.masked import MaskedARSampler
 
     import contextlib
@@ -189,12 +213,12 @@ def contgen_sample(module, batch: int, num_iter: int, cfg: float, temperature: f
             assert images.shape[0] == batch
             return time.perf_counter() - t0, stamps[-1] - t0
 
-        run(warmup_iter)
+        first = run(warmup_iter)
         timer.reset_peak()
         res = [run(num_iter) for _ in range(repeats)]
     finally:
         del module.tokenizer.decode
-    return {**summarize([r[0] for r in res], batch, "batch"),
+    return {**summarize([r[0] for r in res], batch, "batch"), "first_batch_s": round(first[0], 3),
             "tokens_s_per_img": round(sum(r[1] for r in res) / len(res) / batch, 5), "peak_gib": timer.peak_gib()}
 
 
@@ -205,23 +229,37 @@ def environment(device: torch.device) -> dict:
     return {**timing.environment(device), "timm": timm.__version__}
 
 
-def ratios(rows: list[dict]) -> list[dict]:
-    """contgen / reference throughput (img/s ÷ img/s for training, (s/img)⁻¹ ÷ (s/img)⁻¹ for sampling) for each
-    contgen row, against the reference at the same precision and at fp16 (the reference's own setting)."""
-    def speed(r):
-        return r.get("img_per_s") or (1.0 / r["s_per_img"] if r.get("s_per_img") else None)
+def speed(r: dict) -> float | None:
+    """Throughput: img/s for training, (s/img)⁻¹ for sampling."""
+    return r.get("img_per_s") or (1.0 / r["s_per_img"] if r.get("s_per_img") else None)
 
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """One line per contgen row with its number, the reference's at the same precision and at fp16 (the reference's
+    own setting), and the ratios contgen ÷ reference of throughput; training lines carry the MFU of both sides (model
+    FLOPs from the case's eager contgen row, the dense bf16 peak of the GPU)."""
     ref = {(r["case"], r["precision"]): r for r in rows if r["side"] == "reference" and "error" not in r}
+    flops = {r["case"]: r["model_gflop_per_img"] for r in rows if r.get("model_gflop_per_img")}
     out = []
     for r in rows:
-        if r["side"] != "contgen" or "error" in r:
+        if r["side"] != "contgen" or "error" in r or not speed(r):
             continue
-        line = {k: r[k] for k in ("case", "gpu", "torch", "run_id", "precision", "compile")}
-        for name, key in (("speedup_same_precision", (r["case"], r["precision"])),
-                          ("speedup_vs_reference_fp16", (r["case"], "fp16"))):
-            if key in ref and speed(ref[key]) and speed(r):
-                line[name] = round(speed(r) / speed(ref[key]), 3)
-        if len(line) > 6:
+        line = {k: r.get(k) for k in ("case", "gpu", "torch", "run_id", "precision", "compile", "graphs")}
+        unit = "img_per_s" if "img_per_s" in r else "s_per_img"
+        line["unit"], line["contgen"] = unit, r[unit]
+        for name, precision in (("same_precision", r["precision"]), ("vs_reference_fp16", "fp16")):
+            other = ref.get((r["case"], precision))
+            if other and speed(other):
+                line[f"reference_{precision}"] = other[unit]
+                line[f"speedup_{name}"] = round(speed(r) / speed(other), 3)
+        peak = timing.bf16_peak(r["gpu"])
+        if unit == "img_per_s" and r["case"] in flops and peak:
+            line["model_gflop_per_img"] = flops[r["case"]]
+            line["mfu"] = round(flops[r["case"]] * r["img_per_s"] / (peak * 1e3), 4)
+            key = (r["case"], r["precision"])
+            if key in ref:
+                line["mfu_reference_same_precision"] = round(flops[r["case"]] * ref[key]["img_per_s"] / (peak * 1e3), 4)
+        if any(k.startswith("speedup") or k == "mfu" for k in line):
             out.append({"side": "ratio", **line})
     return out
 
@@ -236,13 +274,16 @@ def main() -> None:
     p.add_argument("--precisions", default="bf16,fp16", help="autocast dtypes, each case and side")
     p.add_argument("--reference-precisions", default=None, help="for the reference side (default: --precisions)")
     p.add_argument("--compile", choices=("off", "on", "both"), default="off",
-                   help="contgen training with torch.compile (module compile=True); sampling is never compiled")
+                   help="contgen with torch.compile (module compile=True), training and sampling")
+    p.add_argument("--graphs", choices=("off", "on", "both"), default="on",
+                   help="contgen sampling with module.cuda_graphs (the head's loop replayed as CUDA graphs)")
     p.add_argument("--compile-precisions", default=None, help="precisions for the compiled runs (default: all)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--warmup", type=int, default=5, help="training warm-up steps (+10 when compiled)")
     p.add_argument("--repeats", type=int, default=1, help="timed sampling batches per case and side")
     p.add_argument("--repeats-256", type=int, default=1, help="timed batches for mar_sample256")
-    p.add_argument("--warmup-iter", type=int, default=4, help="iterations of the warm-up sampling run")
+    p.add_argument("--warmup-iter", type=int, default=None,
+                   help="iterations of the warm-up sampling batch (default: the case's, so graphs are captured there)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny models at 64 px, batch 2 (a smoke test of every code path)")
@@ -270,13 +311,14 @@ def main() -> None:
     precisions = args.precisions.split(",")
     ref_precisions = args.reference_precisions.split(",") if args.reference_precisions else precisions
     compiled = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    graph_opts = {"off": [False], "on": [True], "both": [True, False]}[args.graphs]
     compile_precisions = args.compile_precisions.split(",") if args.compile_precisions else precisions
     rows: list[dict] = []
     out = open(args.out, "a") if args.out else None
     if not args.child:
         print(f"# {json.dumps(env)}", flush=True)
 
-    def run_isolated(case, side, precision, comp, out_path):
+    def run_isolated(case, side, precision, comp, graphs):
         """This script again, for one variant only; its JSON lines are returned (and not written to --out)."""
         argv, skip = [], False
         for a in sys.argv[1:]:  # drop the selection options and --out; the rest (steps, root, ...) passes through
@@ -285,12 +327,12 @@ def main() -> None:
                 continue
             name = a.split("=")[0]
             if name in ("--cases", "--sides", "--precisions", "--reference-precisions", "--compile",
-                        "--compile-precisions", "--out"):
+                        "--compile-precisions", "--graphs", "--out"):
                 skip = "=" not in a
                 continue
             argv.append(a)
         argv += ["--cases", case, "--sides", side, "--precisions", precision, "--reference-precisions", precision,
-                 "--compile", "on" if comp else "off", "--no-isolate", "--child"]
+                 "--compile", "on" if comp else "off", "--graphs", "on" if graphs else "off", "--no-isolate", "--child"]
         proc = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True)
         rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if not rows:
@@ -316,16 +358,17 @@ def main() -> None:
                                   {"batch": 2} if args.tiny else {})}
         method, kind = spec["method"], spec["kind"]
         for side in sides:
-            variants = ([(c, pr) for c in compiled for pr in (compile_precisions if c else precisions)]
-                        if side == "contgen" and kind == "train" else
-                        [(False, pr) for pr in (ref_precisions if side == "reference" else precisions)])
             if side == "reference":  # the reference's own precision first
-                variants.sort(key=lambda v: v[1] != "fp16")
-            for comp, precision in variants:
-                base = {"case": case, "side": side, "precision": precision, "compile": comp, **env,
+                variants = sorted([(False, None, pr) for pr in ref_precisions], key=lambda v: v[2] != "fp16")
+            else:
+                variants = [(c, g, pr) for c in compiled for g in (graph_opts if kind == "sample" else [None])
+                            for pr in (compile_precisions if c else precisions)]
+            for comp, graphs, precision in variants:
+                base = {"case": case, "side": side, "precision": precision, "compile": comp,
+                        **({"graphs": graphs} if graphs is not None else {}), **env,
                         **{k: v for k, v in spec.items() if k not in ("method", "kind")}}
                 if args.isolate:
-                    for row in run_isolated(case, side, precision, comp, args.out):
+                    for row in run_isolated(case, side, precision, comp, graphs):
                         emit({**row, "isolated": True})
                     continue
                 t_start = time.perf_counter()
@@ -336,12 +379,12 @@ def main() -> None:
                         model = build_contgen(method, comp, args.tiny, device)
                         if kind == "train":
                             res = contgen_train(model, spec["batch"], precision, args.warmup + 10 * comp, args.steps,
-                                                args.seed, device)
+                                                args.seed, device, count_flops=not comp)
                         else:
                             res = contgen_sample(model, spec["batch"], spec["num_iter"], spec["cfg"],
                                                  spec["temperature"], precision,
                                                  args.repeats_256 if case == "mar_sample256" else args.repeats,
-                                                 args.warmup_iter, args.seed, device)
+                                                 args.warmup_iter or spec["num_iter"], args.seed, device, graphs)
                     else:
                         from reference import RefModel
 
@@ -352,7 +395,7 @@ def main() -> None:
                         else:
                             res = model.sample(spec["batch"], spec["num_iter"], spec["cfg"], spec["temperature"],
                                                precision, args.repeats_256 if case == "mar_sample256" else args.repeats,
-                                               args.warmup_iter, args.seed)
+                                               args.warmup_iter or spec["num_iter"], args.seed)
                 except torch.OutOfMemoryError:
                     res = {"error": "out of memory"}
                 except Exception as e:  # one failing variant must not cost the rest of the (scarce) device call

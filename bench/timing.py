@@ -32,6 +32,15 @@ class Timer:
         return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2) if self.cuda else None
 
 
+# Dense bf16 peak (no sparsity) by GPU name, TFLOP/s: the denominator of MFU.
+BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0),
+                    ("L40S", 362.0), ("A10G", 70.0)]
+
+
+def bf16_peak(name: str) -> float | None:
+    return next((tflops for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
+
+
 def summarize(times: list[float], batch: int, unit: str) -> dict:
     """Mean and median of per-``unit`` wall times (each between two device synchronisations) and the
     throughput of the mean: img/s for training steps, s/img for sampling batches."""

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))  # for its `from timing import Timer`
 _spec = importlib.util.spec_from_file_location("bench_digit", ROOT / "bench" / "digit.py")
 digit = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(digit)
+import timing  # noqa: E402  (bench/timing.py, on the path above)
 
 KEYS = {
     "kmeans_fit": {"points", "k", "dim", "iters", "iter_s", "init_s", "points_iter_per_s", "fp32_tflops"},
@@ -70,4 +71,4 @@ def test_digit_b_flops_formula():
     n = 16 * 12 * 1024**2 + 1024 * 8192
     assert digit.matmul_params(model, head) == n
     assert digit.flops_per_token(model, head) == 6 * n + 12 * 16 * 1024 * 256
-    assert digit.bf16_peak("NVIDIA H100 80GB HBM3") == 989.0 and digit.bf16_peak("NVIDIA H100 PCIe") == 756.0
+    assert timing.bf16_peak("NVIDIA H100 80GB HBM3") == 989.0 and timing.bf16_peak("NVIDIA H100 PCIe") == 756.0

@@ -197,6 +197,7 @@ def evaluate(cfg: DictConfig) -> dict | list[dict]:
     overrides = {f"sampler.{k}": v for k, v in OmegaConf.to_container(cfg.sampler).items()}
     overrides["tokenizer.ckpt_path"] = cfg.tokenizer_ckpt_path
     overrides["module.sample_precision"] = cfg.precision
+    overrides["module.compile"], overrides["module.cuda_graphs"] = cfg.compile, cfg.cuda_graphs
     module, stored = load_module(cfg.ckpt, cfg.device, overrides, cfg.reference, cfg.allow_pickle)
     merged = OmegaConf.create({"data": stored["data"], "metrics": cfg.metrics, "paths": {"cache_dir": cfg.paths.cache_dir}})
     points = sweep_points(cfg.sweep, cfg.sampler, stored["sampler"])

@@ -22,6 +22,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     overrides = {f"sampler.{k}": v for k, v in OmegaConf.to_container(cfg.sampler).items()}
     overrides["tokenizer.ckpt_path"] = cfg.tokenizer_ckpt_path
     overrides["module.sample_precision"] = cfg.precision
+    overrides["module.compile"], overrides["module.cuda_graphs"] = cfg.compile, cfg.cuda_graphs
     module, _ = load_module(cfg.ckpt, cfg.device, overrides, cfg.reference, cfg.allow_pickle)
     num_classes = module.num_classes
     classes = list(cfg.classes) if cfg.classes is not None else list(range(min(num_classes, 10)))

@@ -59,9 +59,10 @@ def test_train_sample_evaluate(tmp_path, cache_dir):
     assert isinstance(state["contgen"]["config"], dict) and not any(k.startswith("tokenizer.") for k in state["state_dict"])
 
     out1, out2 = tmp_path / "s1", tmp_path / "s2"
-    for out, precision in ((out1, "null"), (out2, "fp32")):  # the stored sample_precision "auto" is fp32 on a CPU
+    # the stored sample_precision "auto" is fp32 on a CPU; CUDA graphs are never used on a CPU
+    for out, precision, graphs in ((out1, "null", "null"), (out2, "fp32", "false")):
         run_script("sample.py", f"ckpt={ckpt}", "classes=[0,5]", "per_class=3", "seeds=[7]", f"precision={precision}",
-                   f"hydra.run.dir={out}")
+                   f"cuda_graphs={graphs}", f"hydra.run.dir={out}")
     a, b = np.load(out1 / "samples_seed7.npz"), np.load(out2 / "samples_seed7.npz")
     assert a["arr_0"].shape == (6, 16, 16, 3) and a["arr_0"].dtype == np.uint8
     assert np.array_equal(a["arr_0"], b["arr_0"]) and a["labels"].tolist() == [0, 0, 0, 5, 5, 5]  # same seed, same images

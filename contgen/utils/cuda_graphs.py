@@ -7,8 +7,9 @@ is one launch. What a replay computes is what the captured eager call computed: 
 shapes, reading the current parameter values. Randomness is drawn *outside* the graph, by the caller's
 generator in eager order, and passed in as an input, so a seed gives the same samples with and without graphs.
 
-Graphs are used only inside :func:`enabled` (``GenerativeModule.decode_images`` opens it with
-``module.cuda_graphs``), on CUDA tensors, with gradients off; everywhere else the same function runs eagerly.
+Graphs are used only inside :func:`enabled` (``GenerativeModule.decode_images`` opens it with ``module.cuda_graphs``;
+the transport module's training step too, for Shortcut's no-grad half steps), on CUDA tensors, with gradients off;
+everywhere else the same function runs eagerly.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class GraphCache:
 
     ``fn`` must be a pure function of its ``inputs`` and of ``owner``'s parameters and buffers: no host reads, no
     random draws, one output tensor. A float input reaches ``fn`` as a 0-d fp32 device tensor, so one graph serves
-    every value (a CFG scale, a temperature) with the same arithmetic as the number. A graph is recaptured when ``owner``'s tensors moved (``.to()``,
-    a new ``load_state_dict`` target); in-place updates (EMA, ``copy_``) need none. The autocast state is part of
+    every value (a CFG scale, a temperature) with the same arithmetic as the number. A graph is recaptured when
+    ``owner``'s tensors moved (``.to()``, swapped parameters); in-place updates (EMA, ``load_state_dict``) need none. The autocast state is part of
     the capture, so it belongs in ``key``. At most ``max_graphs`` are kept (least recently used dropped); all share
     one memory pool, which is safe because replays never overlap (one stream, in order).
     """

@@ -92,12 +92,14 @@ class TokenARModule(GenerativeModule):
         Training: the blocks over the full sequence (MAR's decoder, EAR's stack; L + buffer tokens), MAR's encoder padded
         to the most slots the mask ratio leaves visible (``encoder_len``: a symbolic length fails Inductor's LayerNorm
         backward in torch 2.11), the head MLP with a dynamic row count. Sampling (no gradients): the same blocks, the
-        encoder with a dynamic length (it grows every step), the head MLP (captured inside the head's CUDA graphs).
+        encoder with a dynamic length (it grows every step), the head MLP (captured inside the head's CUDA graphs). A
+        causal GPT samples eagerly: its compiled KV-cache decode has not been verified on a GPU.
         """
         bb = self.net.backbone
         if hasattr(bb, "encoder_len"):
             bb.encoder_len = bb.buffer_size + bb.seq_len - self.mask_ratio.min_masked(bb.seq_len)
-        for net, sampling in ((self.net, False), (self.ema.shadow, True)):
+        nets = [(self.net, False)] + ([] if self.causal else [(self.ema.shadow, True)])
+        for net, sampling in nets:
             for block in getattr(net.backbone, "encoder_blocks", []):
                 block.compile(dynamic=sampling or None)
             for block in net.backbone.decoder_blocks:

@@ -4,8 +4,9 @@
    ``on_save_checkpoint`` writes the ``state_dict`` and ``contgen`` entries that ``load_module`` reads; the KL-16
    tokenizer is stored as ``random_init: true`` — no weights file is needed, control flow does not depend on the
    values).
-2. For each precision runs ``evaluate.py`` in a fresh process (``metrics.num_samples=N``,
-   ``metrics.batch_size=B``, ``sampler.num_iter``) through ``bench/_timed_evaluate.py``, which runs evaluate.py
+2. For each precision and ``--compile`` setting runs ``evaluate.py`` in a fresh process (``metrics.num_samples=N``,
+   ``metrics.batch_size=B``, ``sampler.num_iter``, ``compile``; ``module.cuda_graphs`` stays the preset's true)
+   through ``bench/_timed_evaluate.py``, which runs evaluate.py
    unchanged and only wraps ``contgen.cli.evaluate.generate_balanced`` with two device synchronisations.
 
 Reported per precision: the process wall time (interpreter start to exit; what ``time python evaluate.py`` says),
@@ -60,6 +61,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-iter", type=int, default=64, help="sampler.num_iter (the preset's 256 is ~4x slower)")
     p.add_argument("--experiment", default="mar_base_in256", help="'' = train.yaml's small default (CPU smoke run)")
+    p.add_argument("--compile", default="off", help="comma list of evaluate.py's compile= settings (off, on)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", type=Path, default=None, help="checkpoint and evaluate outputs (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file too")
@@ -77,17 +79,22 @@ def main() -> None:
     base = {"case": "cli_evaluate", "gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "num_samples": args.num_samples, "batch_size": args.batch_size, "num_iter": args.num_iter, **info}
     out = open(args.out, "a") if args.out else None
-    for precision in args.precisions.split(","):
-        timing = workdir / f"timing_{precision}.json"
+    variants = [(prec, c) for prec in args.precisions.split(",") for c in args.compile.split(",")]
+    if any(c not in ("off", "on") for _, c in variants):
+        p.error(f"--compile takes off and/or on, got {args.compile!r}")
+    for precision, comp in variants:
+        name = f"{precision}_compile_{comp}"
+        timing = workdir / f"timing_{name}.json"
         cmd = [sys.executable, str(ROOT / "bench" / "_timed_evaluate.py"), f"ckpt={ckpt}", f"precision={precision}",
                f"device={args.device}", f"metrics.num_samples={args.num_samples}",
                f"metrics.batch_size={args.batch_size}", f"sampler.num_iter={args.num_iter}",
-               f"out_dir={workdir / ('eval_' + precision)}", f"hydra.run.dir={workdir / ('hydra_' + precision)}"]
+               f"compile={str(comp == 'on').lower()}", f"out_dir={workdir / ('eval_' + name)}",
+               f"hydra.run.dir={workdir / ('hydra_' + name)}"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "CONTGEN_BENCH_TIMING": str(timing)},
                               capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        row = {**base, "precision": precision, "process_wall_s": round(wall, 2)}
+        row = {**base, "precision": precision, "compile": comp == "on", "process_wall_s": round(wall, 2)}
         if proc.returncode != 0 or not timing.is_file():
             row["error"] = (proc.stderr or proc.stdout)[-800:]
         else:

@@ -21,7 +21,8 @@ Protocol, both sides: ``--warmup`` training steps (more with ``--compile``) and 
 batch, same iterations, incl. decode: contgen captures its CUDA graphs there; its wall time is reported as
 ``first_batch_s``) first; then ``--steps`` training steps or ``--repeats`` sampling batches, each between two device
 synchronisations; mean and median are reported. Seeds are fixed. contgen's sampling runs with ``module.cuda_graphs``
-(``--graphs``: on, off or both) and, with ``--compile``, its compiled blocks.
+(``--graphs``: on, off or both) and, with ``--compile``, its compiled blocks; ``--compile-mode`` is
+``module.compile_mode`` (``reduce-overhead``: the trained blocks' forward and backward replay as CUDA graphs).
 
 MFU (training): model FLOPs per image — the matmul and attention FLOPs of contgen's eager step (forward + backward,
 counted by ``torch.utils.flop_counter`` over the same 20 steps, so the same mask ratios; the head on the masked rows
@@ -85,7 +86,7 @@ def paper_optim(method: str) -> dict:
     return {k: v for k, v in optim.items() if keys is None or k in keys}
 
 
-def build_contgen(method: str, compile: bool, tiny: bool, device: torch.device):
+def build_contgen(method: str, compile: bool, tiny: bool, device: torch.device, compile_mode: str = "default"):
     from contgen.backbones.ear import EARBackbone
     from contgen.backbones.mar import MARBackbone
     from contgen.heads.diffusion import DiffusionHead
@@ -108,7 +109,7 @@ def build_contgen(method: str, compile: bool, tiny: bool, device: torch.device):
         backbone = functools.partial(EARBackbone, **size)
         head = functools.partial(EnergyHead, width=w, depth=d, noise_channels=64, score_batch_mul=2)
     module = TokenARModule(tokenizer, backbone, head, MaskedARSampler(num_iter=4), num_classes=1000,
-                           optim=paper_optim(method), compile=compile)
+                           optim=paper_optim(method), compile=compile, compile_mode=compile_mode)
     return module.to(device)
 
 
@@ -244,7 +245,8 @@ def ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["side"] != "contgen" or "error" in r or not speed(r):
             continue
-        line = {k: r.get(k) for k in ("case", "gpu", "torch", "run_id", "precision", "compile", "graphs")}
+        line = {k: r.get(k) for k in ("case", "gpu", "torch", "run_id", "precision", "compile", "compile_mode",
+                                      "graphs")}
         unit = "img_per_s" if "img_per_s" in r else "s_per_img"
         line["unit"], line["contgen"] = unit, r[unit]
         for name, precision in (("same_precision", r["precision"]), ("vs_reference_fp16", "fp16")):
@@ -275,6 +277,8 @@ def main() -> None:
     p.add_argument("--reference-precisions", default=None, help="for the reference side (default: --precisions)")
     p.add_argument("--compile", choices=("off", "on", "both"), default="off",
                    help="contgen with torch.compile (module compile=True), training and sampling")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead"), default="default",
+                   help="module.compile_mode with --compile: reduce-overhead replays the trained blocks as CUDA graphs")
     p.add_argument("--graphs", choices=("off", "on", "both"), default="on",
                    help="contgen sampling with module.cuda_graphs (the head's loop replayed as CUDA graphs)")
     p.add_argument("--compile-precisions", default=None, help="precisions for the compiled runs (default: all)")
@@ -365,6 +369,7 @@ def main() -> None:
                             for pr in (compile_precisions if c else precisions)]
             for comp, graphs, precision in variants:
                 base = {"case": case, "side": side, "precision": precision, "compile": comp,
+                        **({"compile_mode": args.compile_mode} if comp and side == "contgen" else {}),
                         **({"graphs": graphs} if graphs is not None else {}), **env,
                         **{k: v for k, v in spec.items() if k not in ("method", "kind")}}
                 if args.isolate:
@@ -376,7 +381,7 @@ def main() -> None:
                 model = None
                 try:
                     if side == "contgen":
-                        model = build_contgen(method, comp, args.tiny, device)
+                        model = build_contgen(method, comp, args.tiny, device, args.compile_mode)
                         if kind == "train":
                             res = contgen_train(model, spec["batch"], precision, args.warmup + 10 * comp, args.steps,
                                                 args.seed, device, count_flops=not comp)

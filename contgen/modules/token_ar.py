@@ -15,12 +15,15 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from contgen.modules.base import GenerativeModule
 from contgen.samplers.masked import MaskedARSampler, gather_rows
 from contgen.samplers.schedules import cosine_mask_schedule, make_mask_ratio, random_orders
 from contgen.utils.reference_ckpt import load_reference_mar, reference_num_classes
+
+COMPILE_MODES = ("default", "reduce-overhead")  # module.compile_mode: torch.compile modes for the trained net's blocks
 
 
 def built_class(factory: Callable[..., nn.Module]) -> type:
@@ -37,15 +40,21 @@ class TokenARModule(GenerativeModule):
     def __init__(self, tokenizer: nn.Module, backbone: Callable[..., nn.Module], head: Callable[..., nn.Module],
                  sampler: MaskedARSampler, num_classes: int, optim: dict, mask_ratio_min: float = 0.7,
                  mask_ratio: str = "truncnorm", seed: int = 0, compile: bool = False, sample_precision: str = "auto",
-                 config: dict | None = None, cuda_graphs: bool = True):
+                 config: dict | None = None, cuda_graphs: bool = True, compile_mode: str = "default"):
         super().__init__(tokenizer, num_classes, optim, seed, sample_precision, config, cuda_graphs)
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"module.compile_mode={compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
+        self.compile_mode = compile_mode if compile else "default"
         self.mask_ratio = make_mask_ratio(mask_ratio, low=mask_ratio_min)  # checked before anything is built
         self.net = self.build_net(tokenizer, backbone, head, num_classes)
         self.setup_training()
         self.sampler = sampler
         self.check_sampler(sampler)  # before training
+        if self.compile_mode != "default" and getattr(self.net.backbone, "grad_checkpointing", False):
+            raise ValueError(f"module.compile_mode={compile_mode} with model.grad_checkpointing=true: a CUDA-graphed "
+                             "block cannot be recomputed in the backward; set one of them off")
         if compile:
-            self.compile_nets()
+            self.compile_nets(self.compile_mode)
 
     def build_net(self, tokenizer: nn.Module, backbone: Callable[..., nn.Module], head: Callable[..., nn.Module],
                   num_classes: int) -> nn.ModuleDict:
@@ -86,25 +95,46 @@ class TokenARModule(GenerativeModule):
                    optim=OmegaConf.to_container(cfg.optim, resolve=True), seed=cfg.seed,
                    config=OmegaConf.to_container(cfg, resolve=True), **knobs)
 
-    def compile_nets(self) -> None:
+    def compile_nets(self, mode: str = "default") -> None:
         """``module.compile``: torch.compile what has static shapes, in the trained net and in the EMA copy that samples.
 
         Training: the blocks over the full sequence (MAR's decoder, EAR's stack; L + buffer tokens), MAR's encoder padded
         to the most slots the mask ratio leaves visible (``encoder_len``: a symbolic length fails Inductor's LayerNorm
-        backward in torch 2.11), the head MLP with a dynamic row count. Sampling (no gradients): the same blocks, the
-        encoder with a dynamic length (it grows every step), the head MLP (captured inside the head's CUDA graphs). A
-        causal GPT samples eagerly: its compiled KV-cache decode has not been verified on a GPU.
+        backward in torch 2.11), the head MLP with a dynamic row count. ``mode`` (``module.compile_mode``) applies to
+        the trained net's blocks: ``reduce-overhead`` replays their forward and backward as CUDA graphs (Inductor's
+        CUDA graph trees; on a CPU it compiles as ``default``). Sampling (no gradients): the same blocks, the encoder
+        with a dynamic length (it grows every step), the head MLP (captured inside the head's CUDA graphs); always
+        ``default``: CUDA graph trees would record the encoder once per length, and the launch-bound loop (the head's)
+        has its own graphs. A causal GPT samples eagerly: its compiled KV-cache decode has not been verified on a GPU.
         """
         bb = self.net.backbone
         if hasattr(bb, "encoder_len"):
             bb.encoder_len = bb.buffer_size + bb.seq_len - self.mask_ratio.min_masked(bb.seq_len)
         nets = [(self.net, False)] + ([] if self.causal else [(self.ema.shadow, True)])
         for net, sampling in nets:
+            block_mode = "default" if sampling else mode
             for block in getattr(net.backbone, "encoder_blocks", []):
-                block.compile(dynamic=sampling or None)
+                block.compile(dynamic=sampling or None, mode=block_mode)
             for block in net.backbone.decoder_blocks:
-                block.compile()
+                block.compile(mode=block_mode)
             net.head.net.compile(dynamic=True)
+
+    def setup(self, stage: str) -> None:
+        """CUDA-graphed training blocks (``module.compile_mode=reduce-overhead``) need static weights and gradients that
+        are consumed within the step: refused, before any compute, under FSDP (it frees and re-gathers the blocks'
+        weights every step) and with gradient accumulation (the first micro-batch's gradients alias the graphs'
+        outputs, which the next micro-batch's replay overwrites; seen on an H100)."""
+        trainer = self._trainer  # None when a test calls setup() without a Trainer
+        if self.compile_mode == "default" or trainer is None:
+            return
+        fix = "; use module.compile_mode=default"
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(f"module.compile_mode={self.compile_mode} under FSDP: the sharded blocks' weights are "
+                             f"gathered anew every step, a CUDA graph needs them at fixed addresses{fix}")
+        if trainer.accumulate_grad_batches > 1:
+            raise ValueError(f"module.compile_mode={self.compile_mode} with trainer.accumulate_grad_batches="
+                             f"{trainer.accumulate_grad_batches}: the accumulated gradients would alias CUDA-graph "
+                             f"outputs that the next micro-batch overwrites{fix}")
 
     def check_sampler(self, sampler: MaskedARSampler) -> None:
         if not hasattr(sampler, "num_iter"):

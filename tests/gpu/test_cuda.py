@@ -47,6 +47,61 @@ def test_bf16_steps_and_sampling_on_cuda(method, compile):
     assert a.dtype == torch.float32 and a.shape == (4, 3, 32, 32) and torch.isfinite(a).all() and torch.equal(a, b)
 
 
+def bf16_losses(module, steps: int) -> list[float]:
+    opt = torch.optim.AdamW(module.net.parameters(), lr=1e-3, fused=True)
+    gen = torch.Generator("cuda").manual_seed(1)
+    batch = {"image": torch.rand(32, 3, 32, 32, device="cuda", generator=gen) * 2 - 1,
+             "label": torch.randint(0, 10, (32,), device="cuda", generator=gen)}
+    losses = []
+    for step in range(steps):
+        g, g_cpu = module.step_generators(step)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = module.masked_loss(module.tokens_from_batch(batch, g), batch["label"], g, g_cpu)
+        loss.backward()
+        opt.step(), opt.zero_grad()
+        module.ema.update(module.net)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("method", ["mar", "ear"])
+def test_reduce_overhead_training_gives_the_default_compiled_losses(method):
+    """module.compile_mode=reduce-overhead replays the same Inductor kernels as CUDA graphs (forward and backward).
+    Over six steps, with the weights updated in place under the graphs and the mask ratio (MAR: the visible count
+    inside the padded encoder) changing every step, the losses are those of compile_mode=default up to one bf16
+    rounding (2^-8 relative); dropout is off, as Inductor draws its masks from its own stream. Sampling afterwards
+    (EMA copy, compiled as default, head loop graphed) is deterministic."""
+    backbone, head = MODELS[method]
+    backbone = functools.partial(backbone, attn_dropout=0.0, proj_dropout=0.0)
+    losses = {}
+    for mode in ("default", "reduce-overhead"):
+        torch.manual_seed(0)
+        module = TokenARModule(PatchTokenizer(32, 4), backbone, head, MaskedARSampler(num_iter=8, cfg=3.0),
+                               num_classes=10, optim=train_optim(), compile=True, compile_mode=mode).cuda()
+        losses[mode] = bf16_losses(module, 6)
+    torch.testing.assert_close(torch.tensor(losses["reduce-overhead"]), torch.tensor(losses["default"]),
+                               rtol=2**-8, atol=0)
+    a = module.generate(torch.arange(4, device="cuda"), generator=torch.Generator("cuda").manual_seed(0))
+    b = module.generate(torch.arange(4, device="cuda"), generator=torch.Generator("cuda").manual_seed(0))
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_reduce_overhead_under_lightning(tmp_path):
+    """CUDA-graphed blocks under Lightning (bf16-mixed, clipping, the module's fused AdamW and EMA)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from contgen.data.shapes import Shapes
+
+    backbone, head = MODELS["mar"]
+    module = TokenARModule(PatchTokenizer(32, 4), backbone, head, MaskedARSampler(num_iter=4), num_classes=12,
+                           optim=train_optim(warmup_steps=0), compile=True, compile_mode="reduce-overhead")
+    trainer = L.Trainer(max_steps=4, precision="bf16-mixed", gradient_clip_val=3.0, accelerator="gpu", devices=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(Shapes(32, 64), batch_size=8))
+    assert trainer.global_step == 4 and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_lightning_mixed_precision_training_with_gradient_clipping(precision, tmp_path):
     """fp16-mixed + GradScaler is the references' setting (engine_mar.py:68); with the fused AdamW Lightning refused to

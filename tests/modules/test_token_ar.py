@@ -207,3 +207,28 @@ def test_gradient_clipping_under_bf16_mixed_with_a_fused_adamw(tmp_path):
     assert trainer.optimizers[0].defaults["fused"] and trainer.global_step == 2
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip(module.net.parameters(), before)])
     assert torch.isfinite(step).all() and step.abs().max() > 0
+
+
+def test_compile_mode_is_checked_before_anything_is_built():
+    """module.compile_mode: a mode torch.compile does not take here, and CUDA-graphed blocks with activation
+    checkpointing (the recompute would replay inside the backward), under FSDP or with gradient accumulation are
+    refused."""
+    with pytest.raises(ValueError, match=r"module.compile_mode='max-autotune': use one of default, reduce-overhead"):
+        make(compile=True, compile_mode="max-autotune")
+    ckpt_backbone = functools.partial(BACKBONES["mar"], grad_checkpointing=True)
+    with pytest.raises(ValueError, match="module.compile_mode=reduce-overhead with model.grad_checkpointing=true"):
+        TokenARModule(PatchTokenizer(16, 4), ckpt_backbone, HEADS["diffusion"], MaskedARSampler(num_iter=4),
+                      num_classes=12, optim=train_optim(), compile=True, compile_mode="reduce-overhead")
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = make(compile=True, compile_mode="reduce-overhead")
+    module._trainer = type("T", (), {"strategy": FSDPStrategy(), "accumulate_grad_batches": 1})()
+    with pytest.raises(ValueError, match="module.compile_mode=reduce-overhead under FSDP"):
+        module.setup("fit")
+    module._trainer = L.Trainer(accelerator="cpu", accumulate_grad_batches=2, logger=False)
+    with pytest.raises(ValueError, match="reduce-overhead with trainer.accumulate_grad_batches=2"):
+        module.setup("fit")
+    module._trainer = L.Trainer(accelerator="cpu", logger=False)
+    module.setup("fit")
+    # compile_mode is the trained net's compile mode: without compile it has nothing to apply to
+    assert make(compile_mode="reduce-overhead").compile_mode == "default"

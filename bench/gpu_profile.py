@@ -3,7 +3,7 @@ a training step, summarised as the top kernels by GPU time, the top host ops, an
 time (1 - idle: the launch-bound share is what CUDA graphs / compile can win).
 
     python bench/gpu_profile.py --case mar_sample --num-iter 16 --out bench/results/<gpu>_<date>_profile.json
-    python bench/gpu_profile.py --case mar_train --batch 128
+    python bench/gpu_profile.py --case ear_train --compile --compile-mode reduce-overhead
 
 Same models and settings as bench/mar_ear.py (random weights); one warm-up, then one profiled run.
 """
@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--num-iter", type=int, default=16, help="sampling iterations (64 in the bench; fewer to keep the trace small)")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead"), default="default",
+                   help="module.compile_mode with --compile (reduce-overhead: the trained blocks as CUDA graphs)")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -49,7 +51,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     method, kind = args.case.split("_")
-    module = build_contgen(method, args.compile, False, device)
+    module = build_contgen(method, args.compile, False, device, args.compile_mode)
     batch = args.batch or {"mar_sample": 256, "ear_sample": 128, "mar_train": 128, "ear_train": 32}[args.case]
 
     def run():
@@ -72,7 +74,8 @@ def main() -> None:
     total_gpu = sum(e.self_device_time_total for e in gpu)
     host = sorted(table, key=lambda e: e.self_cpu_time_total, reverse=True)
     row = {"case": args.case, "batch": batch, "num_iter": args.num_iter if kind == "sample" else None,
-           "precision": args.precision, "compile": args.compile, "timing": timing, "wall_s": round(wall_us / 1e6, 3),
+           "precision": args.precision, "compile": args.compile,
+           **({"compile_mode": args.compile_mode} if args.compile else {}), "timing": timing, "wall_s": round(wall_us / 1e6, 3),
            "gpu_busy_fraction": round(busy_fraction(events, wall_us), 3),
            "kernel_launches": sum(e.count for e in gpu),
            "top_kernels": [{"name": e.key[:90], "gpu_ms": round(e.self_device_time_total / 1e3, 2),

@@ -108,8 +108,9 @@ def build_contgen(method: str, compile: bool, tiny: bool, device: torch.device, 
         size = dict(embed_dim=32, depth=1, num_heads=2) if tiny else dict(embed_dim=768, depth=24, num_heads=12)
         backbone = functools.partial(EARBackbone, **size)
         head = functools.partial(EnergyHead, width=w, depth=d, noise_channels=64, score_batch_mul=2)
+    mode = {} if compile_mode == "default" else {"compile_mode": compile_mode}  # a contgen before 31a870c has none
     module = TokenARModule(tokenizer, backbone, head, MaskedARSampler(num_iter=4), num_classes=1000,
-                           optim=paper_optim(method), compile=compile, compile_mode=compile_mode)
+                           optim=paper_optim(method), compile=compile, **mode)
     return module.to(device)
 
 

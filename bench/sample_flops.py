@@ -1,7 +1,8 @@
 """Model FLOPs of one sampled image, and the time floor they set on a GPU (issue 12's bound on sampling speed).
 
 MAR-B / EAR-B sampling exactly as ``bench/mar_ear.py`` runs it (same models, CFG, temperature, iterations, KL-16
-decode), counted by ``torch.utils.flop_counter`` (matmuls, convolutions, attention) over ``module.generate`` of one
+decode), counted by ``torch.utils.flop_counter`` (matmuls, convolutions, attention: 4·s_q·s_k·d per head, the
+formula torch uses on the GPU, registered by ``timing.py`` for the CPU's attention kernel) over ``module.generate`` of one
 image on the CPU: every image of a batch does the same work, so the count per image does not depend on the batch.
 ``floor_s_per_img`` = FLOPs ÷ the dense bf16 peak (``--peak-tflops``, an H100 SXM's 989 by default): no
 implementation of the same arithmetic samples faster on that GPU, and ``max_speedup_vs`` = a measured reference
@@ -23,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mar_ear import CASES, build_contgen  # noqa: E402
-from timing import environment  # noqa: E402
+from timing import environment  # noqa: E402  (importing timing also counts the CPU attention kernel's FLOPs)
 
 
 @torch.no_grad()

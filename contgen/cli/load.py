@@ -20,7 +20,8 @@ def pick_device(device: str) -> torch.device:
 def load_module(ckpt_path: str, device: str = "auto", overrides: dict | None = None, reference: str | None = None,
                 allow_pickle: bool = False) -> tuple[GenerativeModule, dict]:
     """``overrides``: dotted keys merged into the stored config (``sampler.cfg``, ``tokenizer.ckpt_path``, ...);
-    ``None`` values keep the stored value. ``reference``: the name of a paper experiment (``mar_base_in256``)
+    ``None`` values keep the stored value; ``module.compile_mode`` (how the trained net compiles for training) is
+    reset to ``default``. ``reference``: the name of a paper experiment (``mar_base_in256``)
     whose architecture a released reference ``.pth`` (``model`` / ``model_ema`` state dicts) is read into."""
     if reference is not None:
         return load_reference(ckpt_path, reference, device, overrides, allow_pickle)
@@ -37,6 +38,8 @@ def load_module(ckpt_path: str, device: str = "auto", overrides: dict | None = N
             raise ValueError(f"sampler.{name}={value}: not a setting of this checkpoint's sampler "
                              f"({cfg.sampler._target_}); its settings: {sorted(k for k in cfg.sampler if k != '_target_')}")
         OmegaConf.update(cfg, key, value, merge=True)
+    if "compile_mode" in cfg.module:  # the trained net's training-time CUDA graphs: a loaded module only samples
+        cfg.module.compile_mode = "default"
     module = build_module(cfg, ckpt["contgen"]["num_classes"])
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"], strict=True)

@@ -209,7 +209,7 @@ def test_gradient_clipping_under_bf16_mixed_with_a_fused_adamw(tmp_path):
     assert torch.isfinite(step).all() and step.abs().max() > 0
 
 
-def test_compile_mode_is_checked_before_anything_is_built():
+def test_compile_mode_is_checked_before_any_compute():
     """module.compile_mode: a mode torch.compile does not take here, and CUDA-graphed blocks with activation
     checkpointing (the recompute would replay inside the backward), under FSDP or with gradient accumulation are
     refused."""

@@ -1,6 +1,7 @@
 """bench/scale.py's training path (issues 10 and 13) on the CPU with tiny models: the composed recipe, the batch plan
 and random cached moments shaped by the recipe's tokenizer (KL-16 for MAR, SD-VAE for UCGM's TiT) train under
-Lightning's DDP strategy on one process, and the JSON line carries what the scaling tables read."""
+Lightning's DDP strategy on one process, and the JSON line carries what the scaling tables read. Slow: each run
+builds its recipe's 256-px tokenizer (random weights) in a fresh process."""
 
 import json
 import math
@@ -8,6 +9,8 @@ import math
 import pytest
 
 from tests.helpers import run_script
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize(("model", "override", "net"), [("mar_base", "model=mar_tiny", "MARBackbone"),
